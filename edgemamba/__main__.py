@@ -1,0 +1,3 @@
+from edgemamba.cli import main
+
+main()
