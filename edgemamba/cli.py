@@ -77,3 +77,178 @@ def inspect(checkpoint, as_json):
         f"state          {_fmt_bytes(spec.state_bytes(1))} per sequence (fp32), constant in context length; "
         f"per layer conv {spec.conv_state_shape(1)} + ssm {spec.ssm_state_shape(1)}"
     )
+
+
+def _load(checkpoint):
+    from edgemamba.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Directory to write step.onnx, prefill.onnx, weights.bin.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+def export(checkpoint, output, force):
+    """Export the step and prefill ONNX graphs (standard operators, explicit state).
+
+    \b
+    Example:
+      edgemamba export ./mamba-130m-hf -o ./mamba-130m-onnx
+    """
+    from pathlib import Path
+
+    from edgemamba.artifact import atomic_dir
+    from edgemamba.export import export as export_graphs
+
+    ckpt = _load(checkpoint)
+    with atomic_dir(Path(output), force) as tmp:
+        files = export_graphs(ckpt, tmp)
+    for f in files.values():
+        click.echo(f"wrote {Path(output) / f.name}")
+
+
+@main.command(name="compile")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--target", default="ort-cpu", show_default=True, help="Deployment target.")
+@click.option("--precision", default="fp32", show_default=True, help="Weight/activation precision.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to create.")
+@click.option("--force", is_flag=True, help="Replace the artifact if it exists.")
+def compile_cmd(checkpoint, target, precision, output, force):
+    """Compile a checkpoint into a deployable artifact (manifest + graphs + weights + tokenizer).
+
+    \b
+    Example:
+      edgemamba compile ./mamba-130m-hf --target ort-cpu --precision fp32 -o mamba.em
+    """
+    from edgemamba.artifact import check_target, compile_artifact
+
+    check_target(target, precision)  # refuse before the (possibly long) load
+    ckpt = _load(checkpoint)
+    art = compile_artifact(ckpt, output, target, precision, force)
+    files = art.manifest["files"]
+    total = sum(f["bytes"] for f in files.values())
+    spec = art.spec
+    click.echo(f"compiled {spec.source or 'model'} ({spec.n_params:,} parameters) for {target}/{precision} -> {output}")
+    parts = ", ".join(f"{name} {_fmt_bytes(info['bytes'])}" for name, info in files.items())
+    click.echo(f"  artifact size   {_fmt_bytes(total)} ({parts})")
+    click.echo(f"  state           {_fmt_bytes(spec.state_bytes(1))} per sequence, constant in context length")
+    click.echo(f"  expected memory ~{_fmt_bytes(files['weights.bin']['bytes'] + spec.state_bytes(1))} weights + state, "
+               "plus runtime workspace")
+    click.echo("  accuracy        fp32: same numerics as the reference (checked by the test suite)")
+
+
+def _prompt_ids(session, prompt, prompt_ids):
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    if prompt_ids is not None:
+        try:
+            return [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            from edgemamba.errors import EdgeMambaError
+
+            raise EdgeMambaError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    return session.encode(prompt)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", help="Prompt text (needs a tokenizer in the artifact).")
+@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(0, 1 << 40))
+@click.option("--greedy", is_flag=True, help="Greedy decoding (the default unless --temperature is set).")
+@click.option("--temperature", default=0.0, show_default=True, type=float)
+@click.option("--top-k", default=0, type=int, help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", default=1.0, type=float, help="Nucleus sampling mass.")
+@click.option("--seed", default=None, type=int)
+@click.option("--stop-id", "stop_ids", multiple=True, type=int, help="Stop token id (repeatable; default: eos).")
+@click.option("--state-in", type=click.Path(), help="Resume from a saved state file (prompt continues it).")
+@click.option("--state-out", type=click.Path(), help="Save the final state here.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: physical cores).")
+@click.option("--no-verify", is_flag=True, help="Skip artifact checksum verification on load.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def run(artifact, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_k, top_p, seed, stop_ids, state_in,
+        state_out, threads, no_verify, as_json):
+    """Stream tokens from an artifact.
+
+    \b
+    Examples:
+      edgemamba run mamba.em --prompt "def fibonacci(n):" -n 80
+      edgemamba run mamba.em --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 1 --json
+      edgemamba run mamba.em --prompt "x = 1" --state-out chat.state
+      edgemamba run mamba.em --prompt "\\ny = " --state-in chat.state
+    """
+    import time
+
+    from edgemamba.sampling import SamplingParams
+    from edgemamba.session import Session
+
+    if greedy and temperature:
+        raise click.UsageError("--greedy and --temperature are exclusive")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    session = Session(artifact, threads=threads, verify=not no_verify)
+    ids = _prompt_ids(session, prompt, prompt_ids)
+    if state_in:
+        session.load_state(state_in)
+    stop = list(stop_ids) if stop_ids else None
+    text_mode = session.tokenizer is not None and not as_json
+    t0 = time.perf_counter()
+    first = None
+    out: list[int] = []
+    gen = session.generate(ids, max_new_tokens, sampling=params, stop=stop)
+    emitted = ""
+    for token in gen:
+        first = first or time.perf_counter()
+        out.append(token)
+        if text_mode:
+            text = session.decode(out)
+            if not text.endswith("\ufffd"):
+                click.echo(text[len(emitted):], nl=False)
+                emitted = text
+        elif not as_json:
+            click.echo(f"{token} ", nl=False)
+    elapsed = time.perf_counter() - t0
+    decode_s = time.perf_counter() - (first or t0)
+    tps = (len(out) - 1) / decode_s if len(out) > 1 and decode_s > 0 else 0.0
+    if state_out:
+        session.save_state(state_out)
+    if as_json:
+        result = {"prompt_tokens": len(ids), "tokens": out, "decode_tokens_per_s": tps, "seconds": elapsed,
+                  "time_to_first_token_s": (first - t0) if first else None}
+        if session.tokenizer is not None:
+            result["text"] = session.decode(out)
+        click.echo(json.dumps(result))
+    else:
+        click.echo("")
+        click.echo(f"[{len(ids)} prompt tokens, {len(out)} new tokens, {tps:.1f} tokens/s decode]", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--tokens", default=256, show_default=True, type=click.IntRange(16, 1 << 20), help="Decode steps timed.")
+@click.option("--prompt-len", default=512, show_default=True, type=click.IntRange(1, 1 << 20), help="Prefill length.")
+@click.option("--context", default=0, show_default=True, type=click.IntRange(0, 1 << 24),
+              help="Decode after this many context tokens (prefilled first).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="Prefill timing repeats.")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: physical cores).")
+@click.option("--json", "as_json", is_flag=True)
+def bench(artifact, tokens, prompt_len, context, repeats, threads, as_json):
+    """Measure decode latency (p50/p90/p99), prefill throughput, peak RSS and state bytes.
+
+    \b
+    Example:
+      edgemamba bench mamba.em --tokens 256 --prompt-len 512 --json
+    """
+    from edgemamba.measure import bench_artifact
+
+    result = bench_artifact(artifact, tokens=tokens, prompt_len=prompt_len, context=context, repeats=repeats,
+                            threads=threads, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    d = result["decode_ms"]
+    click.echo(f"decode      p50 {d['p50']:.2f} ms/token   p90 {d['p90']:.2f}   p99 {d['p99']:.2f}   "
+               f"({result['tokens']} tokens at context {result['context']})")
+    click.echo(f"prefill     {result['prefill_tokens_per_s']:.0f} tokens/s ({prompt_len}-token prompt, median of {repeats})")
+    click.echo(f"peak RSS    {_fmt_bytes(result['peak_rss_bytes'])}   weights {_fmt_bytes(result['weight_bytes'])}")
+    click.echo(f"state       {_fmt_bytes(result['state_bytes'])} per sequence")

@@ -1,0 +1,191 @@
+"""The artifact: a directory with manifest.json plus graph, weight and tokenizer files.
+
+Written to a temporary directory beside the destination and renamed into place, so a failure
+never leaves a half-written artifact. Loading checks the format version and every file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemamba import __version__
+from edgemamba.checkpoint import Checkpoint
+from edgemamba.errors import EdgeMambaError
+from edgemamba.spec import ModelSpec
+
+FORMAT = "edgemamba-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# target -> precisions it can build now. Looked up, never branched on.
+TARGETS: dict[str, tuple[str, ...]] = {"ort-cpu": ("fp32",)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_dir(dest: Path, force: bool = False):
+    """Yield a temporary directory that becomes `dest` only if the block succeeds."""
+    dest = Path(dest)
+    if dest.exists() and not force:
+        raise EdgeMambaError(f"{dest}: already exists (use --force to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise EdgeMambaError(f"{dest.parent}: cannot write here ({e.strerror})") from None
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgeMambaError(f"{dest}: write failed ({e.strerror}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise EdgeMambaError(f"{path}: write failed ({e.strerror}); nothing was written") from None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict
+    spec: ModelSpec
+
+    @property
+    def target(self) -> str:
+        return self.manifest["target"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def file(self, key: str) -> Path:
+        return self.path / self.manifest["graphs"][key]
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        name = self.manifest.get("tokenizer")
+        return self.path / name if name else None
+
+
+def check_target(target: str, precision: str) -> None:
+    if target not in TARGETS:
+        raise EdgeMambaError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
+    if precision not in TARGETS[target]:
+        raise EdgeMambaError(
+            f"precision {precision!r} is not available for target {target!r}; available: {', '.join(TARGETS[target])}"
+        )
+
+
+def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", precision: str = "fp32",
+                     force: bool = False) -> Artifact:
+    from edgemamba.export import GRAPHS, export, state_shapes
+
+    check_target(target, precision)
+    spec = ckpt.spec
+    with atomic_dir(dest, force) as tmp:
+        files = export(ckpt, tmp)
+        tokenizer = None
+        if ckpt.tokenizer_path is not None:
+            shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
+            files["tokenizer"] = tmp / "tokenizer.json"
+            tokenizer = "tokenizer.json"
+        state = []
+        for key, shape in state_shapes(spec).items():
+            kind, i = key.split(".")
+            state.append({"name": f"{kind}_state.{i}", "input": f"past_{kind}_state.{i}",
+                          "output": f"present_{kind}_state.{i}", "shape": list(shape), "dtype": "float32"})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "edgemamba_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "target": target,
+            "precision": precision,
+            "spec": spec.to_dict(),
+            "spec_hash": spec.spec_hash(),
+            "graphs": {k: files[k].name for k in GRAPHS},
+            "tokenizer": tokenizer,
+            "io": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
+                   "logits": {"dtype": "float32", "shape": ["batch", spec.vocab_size]}},
+            "state": state,
+            "state_bytes_per_sequence": spec.state_bytes(1),
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files.values()},
+            "source": {"checkpoint": str(ckpt.path) if ckpt.path else None,
+                       "bytes_by_dtype": ckpt.source_bytes_by_dtype},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return load_artifact(dest, verify=False)
+
+
+def load_artifact(path: Path | str, verify: bool = True) -> Artifact:
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise EdgeMambaError(f"{path}: not an edgemamba artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgeMambaError(f"{mpath}: malformed JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise EdgeMambaError(f"{mpath}: not an edgemamba manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise EdgeMambaError(
+            f"{mpath}: artifact format version {version!r} is newer than this edgemamba supports ({FORMAT_VERSION}); "
+            "upgrade edgemamba"
+        )
+    for key in ("spec", "target", "precision", "graphs", "files"):
+        if key not in manifest:
+            raise EdgeMambaError(f"{mpath}: field {key!r} is missing")
+    spec = ModelSpec.from_dict(manifest["spec"])
+    check_target(manifest["target"], manifest["precision"])
+    files = manifest["files"]
+    for name, info in files.items():
+        f = path / name
+        if Path(name).name != name:
+            raise EdgeMambaError(f"{mpath}: file name {name!r} must not contain a path")
+        if not f.exists():
+            raise EdgeMambaError(f"{path}: file {name} listed in the manifest is missing")
+        if f.stat().st_size != info.get("bytes"):
+            raise EdgeMambaError(f"{f}: size {f.stat().st_size} does not match the manifest ({info.get('bytes')})")
+        if verify and sha256_file(f) != info.get("sha256"):
+            raise EdgeMambaError(f"{f}: checksum does not match the manifest (file modified or corrupted)")
+    for key, name in manifest["graphs"].items():
+        if name not in files:
+            raise EdgeMambaError(f"{mpath}: graph {key} ({name}) is not among the listed files")
+    return Artifact(path, manifest, spec)

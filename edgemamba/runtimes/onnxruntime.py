@@ -1,0 +1,127 @@
+"""ONNX Runtime backend (CPU): the embedded default.
+
+The backend owns the state of `batch` sequences as two sets of buffers allocated once. A batched
+step binds one set as the past state and the other as the present, runs, and swaps: the state never
+travels through new arrays per token. Weights are memory-mapped once from weights.bin and handed to
+both graphs' sessions as shared initializers (`add_initializer`, prepacking off, which would copy
+them per session), so step and prefill share one copy: peak RSS ≈ weights + workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgemamba.artifact import Artifact
+from edgemamba.errors import EdgeMambaError
+from edgemamba.export import WEIGHTS_FILE
+
+
+def _shared_weights(graph_path: Path, weights: np.memmap) -> tuple[list[str], list[ort.OrtValue]]:
+    """OrtValues viewing weights.bin for every external initializer of a graph (no copies)."""
+    model = onnx.load(str(graph_path), load_external_data=False)
+    names, values = [], []
+    for init in model.graph.initializer:
+        info = {e.key: e.value for e in init.external_data}
+        if info.get("location") != WEIGHTS_FILE:
+            continue
+        offset, length = int(info["offset"]), int(info["length"])
+        if offset + length > weights.size:
+            raise EdgeMambaError(f"{graph_path}: initializer {init.name} points past the end of {WEIGHTS_FILE}")
+        arr = weights[offset : offset + length].view(np.float32).reshape(tuple(init.dims))
+        names.append(init.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+    return names, values
+
+
+class OrtBackend:
+    def __init__(self, artifact: Artifact, batch: int, threads: int | None = None):
+        self.spec = artifact.spec
+        self.batch = batch
+        # Copy-on-write mapping: writable as ORT requires, never written, so the pages stay shared
+        # with the page cache (and with other processes running the same artifact).
+        self._weights = np.memmap(artifact.path / WEIGHTS_FILE, dtype=np.uint8, mode="c")
+        names, values = _shared_weights(artifact.file("step"), self._weights)
+        self._weight_values = values  # OrtValues must outlive the sessions
+        self.sessions = {}
+        for kind in ("step", "prefill"):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads or _physical_cores()
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in zip(names, values):
+                so.add_initializer(name, value)
+            try:
+                self.sessions[kind] = ort.InferenceSession(str(artifact.file(kind)), so,
+                                                           providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT raises its own exception types for invalid graphs
+                raise EdgeMambaError(f"{artifact.file(kind)}: ONNX Runtime cannot load this graph ({e})") from None
+        self.state_keys = [f"{kind}_state.{i}" for i in range(self.spec.n_layer) for kind in ("conv", "ssm")]
+        shapes = {f"conv_state.{i}": self.spec.conv_state_shape(batch) for i in range(self.spec.n_layer)}
+        shapes.update({f"ssm_state.{i}": self.spec.ssm_state_shape(batch) for i in range(self.spec.n_layer)})
+        # Two buffer sets, allocated once; `cur` holds the state, the other receives the next one.
+        self._bufs = [{k: np.zeros(shapes[k], np.float32) for k in self.state_keys} for _ in range(2)]
+        self._ov = [{k: ort.OrtValue.ortvalue_from_numpy(b[k]) for k in self.state_keys} for b in self._bufs]
+        self._logits = np.zeros((batch, self.spec.vocab_size), np.float32)
+        self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self._ids = np.zeros((batch, 1), np.int64)
+        self._ids_ov = ort.OrtValue.ortvalue_from_numpy(self._ids)
+        self._step_binding = [self._bind_step(cur) for cur in (0, 1)]
+        self.cur = 0
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The current state buffers (batch, ...), by name. Views, not copies."""
+        return self._bufs[self.cur]
+
+    def reset(self, rows: slice) -> None:
+        for arr in self.state.values():
+            arr[rows] = 0.0
+
+    # ---- running --------------------------------------------------------------------------------
+    def _bind_step(self, cur: int) -> ort.IOBinding:
+        io = self.sessions["step"].io_binding()
+        io.bind_ortvalue_input("input_ids", self._ids_ov)
+        for k in self.state_keys:
+            io.bind_ortvalue_input("past_" + k, self._ov[cur][k])
+            io.bind_ortvalue_output("present_" + k, self._ov[1 - cur][k])
+        io.bind_ortvalue_output("logits", self._logits_ov)
+        return io
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """ids (batch,) -> logits (batch, vocab); every sequence advances one token. The returned
+        array is the backend's logits buffer: valid until the next call."""
+        self._ids[:, 0] = ids
+        self.sessions["step"].run_with_iobinding(self._step_binding[self.cur])
+        self.cur = 1 - self.cur
+        return self._logits
+
+    def prefill(self, ids: np.ndarray, row: int) -> np.ndarray:
+        """Feed a chunk of tokens (t,) into one sequence's state; returns its last logits (vocab,)."""
+        io = self.sessions["prefill"].io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64)[None])
+        nxt = self._bufs[1 - self.cur]
+        for k in self.state_keys:
+            io.bind_ortvalue_input("past_" + k, ort.OrtValue.ortvalue_from_numpy(self.state[k][row : row + 1]))
+            io.bind_ortvalue_output("present_" + k, ort.OrtValue.ortvalue_from_numpy(nxt[k][row : row + 1]))
+        logits = np.empty((1, self.spec.vocab_size), np.float32)
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.sessions["prefill"].run_with_iobinding(io)
+        for k in self.state_keys:  # one copy per chunk (not per token), for this row only
+            self.state[k][row] = nxt[k][row]
+        return logits[0]
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1

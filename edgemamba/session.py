@@ -1,0 +1,259 @@
+"""Session: the runtime a device app embeds. Load an artifact, feed a prompt, stream tokens.
+
+    session = Session("model.em")
+    for piece in session.stream_text("def fib(n):", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+A Session holds `batch` independent sequences, each with a fixed-size state (conv_state and
+ssm_state per layer) allocated once. State snapshots can be taken, restored, saved to a file and
+loaded later (resume a conversation with no prefill).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from edgemamba.artifact import Artifact, atomic_write_bytes, load_artifact
+from edgemamba.errors import EdgeMambaError
+from edgemamba.sampling import Sampler, SamplingParams
+
+STATE_FORMAT = "edgemamba-state"
+STATE_VERSION = "1"
+
+
+class Session:
+    def __init__(self, artifact: str | Path | Artifact, *, batch: int = 1, threads: int | None = None,
+                 verify: bool = True, prefill_chunk: int = 256):
+        if batch < 1:
+            raise EdgeMambaError(f"batch must be ≥ 1, got {batch}")
+        self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, verify=verify)
+        self.spec = self.artifact.spec
+        self.batch = batch
+        self.prefill_chunk = prefill_chunk
+        from edgemamba.runtimes import backend_for
+
+        self.backend = backend_for(self.artifact)(self.artifact, batch, threads)
+        self.positions = [0] * batch  # tokens seen by each sequence
+        self.tokenizer = _load_tokenizer(self.artifact.tokenizer_path)
+        eos = self.spec.eos_token_id
+        self.default_stop = () if eos is None else (eos,)
+        self._lock = threading.Lock()
+        self._last_logits: np.ndarray | None = None  # batch-1 generate: logits after the last token
+
+    @contextmanager
+    def _exclusive(self):
+        # A Session's buffers are not shareable; concurrent use is refused, never silently mixed.
+        if not self._lock.acquire(blocking=False):
+            raise EdgeMambaError("this Session is in use by another thread; give each thread its own Session")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= self.spec.vocab_size)][0])
+            raise EdgeMambaError(f"token id {bad} is outside the vocabulary [0, {self.spec.vocab_size})")
+        return ids
+
+    def _check_seq(self, seq: int) -> int:
+        if not 0 <= seq < self.batch:
+            raise EdgeMambaError(f"sequence {seq} does not exist (this Session holds {self.batch})")
+        return seq
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise EdgeMambaError("this artifact has no tokenizer; pass token ids instead of text")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise EdgeMambaError("this artifact has no tokenizer; cannot decode text")
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # ---- the core API ---------------------------------------------------------------------------
+    def reset(self, seq: int | None = None) -> None:
+        """Zero one sequence's state (or all)."""
+        rows = range(self.batch) if seq is None else [self._check_seq(seq)]
+        for r in rows:
+            self.backend.reset(slice(r, r + 1))
+            self.positions[r] = 0
+
+    def prefill(self, ids: Sequence[int], seq: int = 0) -> np.ndarray:
+        """Feed tokens into a sequence's state, in chunks; returns the logits after the last one (vocab,)."""
+        ids = self._check_ids(ids)
+        self._check_seq(seq)
+        if ids.size == 0:
+            raise EdgeMambaError("empty prompt: give at least one token")
+        with self._exclusive():
+            for start in range(0, ids.size, self.prefill_chunk):
+                logits = self.backend.prefill(ids[start : start + self.prefill_chunk], seq)
+            self.positions[seq] += int(ids.size)
+            return logits
+
+    def step(self, ids: Sequence[int]) -> np.ndarray:
+        """One token for every sequence: ids (batch,) -> logits (batch, vocab). The array is reused
+        by the next call: copy it to keep it."""
+        ids = self._check_ids(ids)
+        if ids.size != self.batch:
+            raise EdgeMambaError(f"step needs one token per sequence ({self.batch}), got {ids.size}")
+        with self._exclusive():
+            logits = self.backend.step(ids)
+            for r in range(self.batch):
+                self.positions[r] += 1
+            return logits
+
+    def generate(self, prompt: Sequence[int] | None, max_new_tokens: int, *, sampling: SamplingParams | None = None,
+                 stop: Sequence[int] | None = None, seq: int = 0) -> Iterator[int]:
+        """Stream new token ids for one sequence (batch-1 use). `prompt=None` continues from the
+        current state (after set_state / load_state) with the last logits of a prefill."""
+        if self.batch != 1:
+            raise EdgeMambaError("generate streams one sequence: use generate_batch for batch > 1")
+        if max_new_tokens < 0 or max_new_tokens > 1 << 40:
+            raise EdgeMambaError(f"max_new_tokens must be between 0 and 2^40, got {max_new_tokens}")
+        sampler = Sampler(sampling or SamplingParams())
+        stop = set(self.default_stop if stop is None else stop)
+        if prompt is not None:
+            logits = self.prefill(prompt, seq)
+        elif self._last_logits is not None:
+            logits = self._last_logits
+        else:
+            raise EdgeMambaError("no prompt and no restored state to continue from")
+        # Invariant when the generator ends, however it ends: the state holds every yielded token
+        # and _last_logits follow the last one, so a later generate(None) continues exactly.
+        pending = None
+        try:
+            for _ in range(max_new_tokens):
+                token = pending = sampler(logits)
+                yield token
+                logits, pending = self.step([token])[0], None
+                if token in stop:
+                    return
+        finally:
+            if pending is not None:
+                logits = self.step([pending])[0]
+            self._last_logits = logits.copy()
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                       sampling: SamplingParams | None = None, stop: Sequence[int] | None = None) -> list[list[int]]:
+        """Independent sequences decoded together: each prompt gets its own state and sampler."""
+        if len(prompts) != self.batch:
+            raise EdgeMambaError(f"this Session holds {self.batch} sequences, got {len(prompts)} prompts")
+        params = sampling or SamplingParams()
+        samplers = [Sampler(SamplingParams(params.temperature, params.top_k, params.top_p,
+                                           None if params.seed is None else params.seed + i))
+                    for i in range(self.batch)]
+        stop = set(self.default_stop if stop is None else stop)
+        self.reset()
+        last = [self.prefill(p, seq=i) for i, p in enumerate(prompts)]
+        outs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * self.batch
+        for _ in range(max_new_tokens):
+            tokens = [samplers[i](last[i]) if not done[i] else 0 for i in range(self.batch)]
+            for i, t in enumerate(tokens):
+                if not done[i]:
+                    outs[i].append(t)
+                    done[i] = t in stop
+            if all(done):
+                break
+            logits = self.step(tokens)
+            last = [logits[i].copy() for i in range(self.batch)]
+        return outs
+
+    def stream_text(self, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
+        """Stream decoded text pieces; multi-byte characters are emitted once complete."""
+        ids: list[int] = []
+        emitted = ""
+        for token in self.generate(self.encode(prompt), max_new_tokens, **kwargs):
+            ids.append(token)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            yield text[len(emitted):]
+            emitted = text
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits (len(ids), vocab) from a fresh state: row j predicts token j+1.
+        Uses a scratch session so the live sequences are untouched."""
+        ids = self._check_ids(ids)
+        scratch = Session(self.artifact, batch=1)
+        out = np.empty((ids.size, self.spec.vocab_size), np.float32)
+        for j, token in enumerate(ids):
+            out[j] = scratch.step([token])[0]
+        return out
+
+    # ---- state snapshots ----------------------------------------------------------------------------
+    def get_state(self, seq: int = 0) -> dict[str, np.ndarray]:
+        """A copy of one sequence's state: {"conv_state.{i}": (conv_dim, d_conv-1), "ssm_state.{i}": ...}."""
+        self._check_seq(seq)
+        return {k: v[seq].copy() for k, v in self.backend.state.items()}
+
+    def set_state(self, state: dict[str, np.ndarray], seq: int = 0, position: int = 0) -> None:
+        self._check_seq(seq)
+        live = self.backend.state
+        if set(state) != set(live):
+            raise EdgeMambaError("state does not match this model: tensor names differ")
+        for k, v in state.items():
+            if v.shape != live[k].shape[1:]:
+                raise EdgeMambaError(f"state tensor {k} has shape {v.shape}, expected {live[k].shape[1:]}")
+        for k, v in state.items():
+            live[k][seq] = v
+        self.positions[seq] = position
+        self._last_logits = None
+
+    def save_state(self, path: str | Path, seq: int = 0, last_logits: np.ndarray | None = None) -> None:
+        """Write one sequence's state to a safetensors file tagged with the model's spec hash."""
+        from safetensors.numpy import save
+
+        tensors = self.get_state(seq)
+        if last_logits is None:
+            last_logits = self._last_logits
+        if last_logits is not None:
+            tensors["last_logits"] = np.asarray(last_logits, np.float32)
+        meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "spec_hash": self.spec.spec_hash(),
+                "position": str(self.positions[seq])}
+        atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+
+    def load_state(self, path: str | Path, seq: int = 0) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != STATE_FORMAT:
+                    raise EdgeMambaError(f"{path}: not an edgemamba state file")
+                if meta.get("spec_hash") != self.spec.spec_hash():
+                    raise EdgeMambaError(
+                        f"{path}: state is from another model (spec {meta.get('spec_hash')}, "
+                        f"this artifact is {self.spec.spec_hash()})")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except EdgeMambaError:
+            raise
+        except FileNotFoundError:
+            raise EdgeMambaError(f"{path}: no such state file") from None
+        except Exception as e:  # safetensors' own errors for truncated or corrupted files
+            raise EdgeMambaError(f"{path}: not a readable state file ({str(e).splitlines()[0][:200]})") from None
+        last = tensors.pop("last_logits", None)
+        self.set_state(tensors, seq, int(meta.get("position", 0)))
+        self._last_logits = last
+
+
+def _load_tokenizer(path: Path | None):
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise EdgeMambaError(f"{path}: not a readable tokenizer ({str(e)[:200]})") from None
+
+
