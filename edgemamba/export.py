@@ -84,21 +84,6 @@ def export_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def write_weights(weights: dict[str, np.ndarray], path: Path) -> dict[str, tuple[int, int]]:
-    """One flat file of aligned raw tensors; returns name -> (offset, length)."""
-    index, offset = {}, 0
-    with open(path, "wb") as f:
-        for name, arr in weights.items():
-            pad = -offset % _ALIGN
-            f.write(b"\0" * pad)
-            offset += pad
-            data = arr.tobytes()
-            f.write(data)
-            index[name] = (offset, len(data))
-            offset += len(data)
-    return index
-
-
 # ---------------------------------------------------------------------------------------------
 # graph building
 # ---------------------------------------------------------------------------------------------
@@ -286,19 +271,51 @@ def build_graph(spec: ModelSpec, weights: dict[str, ir.TensorProtocol], kind: st
     return model
 
 
-def export(ckpt: Checkpoint, out_dir: Path) -> dict[str, Path]:
-    """Write weights.bin, step.onnx and prefill.onnx into out_dir (which must exist)."""
-    weights = export_weights(ckpt)
-    index = write_weights(weights, out_dir / WEIGHTS_FILE)
+def build_graphs(ckpt: Checkpoint) -> dict[str, ir.Model]:
+    """Both graphs, with in-memory initializers shared by name (passes run on these)."""
+    tensors = {name: ir.tensor(arr, name=name) for name, arr in export_weights(ckpt).items()}
+    return {kind: build_graph(ckpt.spec, tensors, kind) for kind in GRAPHS}
+
+
+def save_graphs(models: dict[str, ir.Model], out_dir: Path) -> dict[str, Path]:
+    """Write every initializer once into weights.bin (aligned), point both graphs at it, save them.
+
+    Graphs that hold an initializer of the same name must hold the same bytes: passes transform
+    both graphs alike, and this is checked rather than assumed.
+    """
+    unique: dict[str, ir.TensorProtocol] = {}
+    for model in models.values():
+        for name, value in model.graph.initializers.items():
+            t = value.const_value
+            if name in unique:
+                if unique[name] is not t and unique[name].tobytes() != t.tobytes():
+                    raise AssertionError(f"graphs disagree on initializer {name}")
+            else:
+                unique[name] = t
+    index, offset = {}, 0
+    with open(out_dir / WEIGHTS_FILE, "wb") as f:
+        for name, t in unique.items():
+            offset += f.write(b"\0" * (-offset % _ALIGN))
+            data = t.tobytes()
+            index[name] = (offset, len(data))
+            offset += f.write(data)
     files = {"weights": out_dir / WEIGHTS_FILE}
-    for kind in GRAPHS:
-        tensors = {
-            name: ir.ExternalTensor(WEIGHTS_FILE, off, length, ir.DataType.FLOAT, shape=ir.Shape(weights[name].shape),
-                                    name=name, base_dir=out_dir)
-            for name, (off, length) in index.items()
-        }
-        model = build_graph(ckpt.spec, tensors, kind)
+    for kind, model in models.items():
+        for name, value in model.graph.initializers.items():
+            t = value.const_value
+            off, length = index[name]
+            value.const_value = ir.ExternalTensor(WEIGHTS_FILE, off, length, t.dtype, shape=t.shape, name=name,
+                                                  base_dir=out_dir)
         path = out_dir / f"{kind}.onnx"
-        ir.save(model, path)  # initializers stay external, pointing into weights.bin
+        ir.save(model, path)
         files[kind] = path
     return files
+
+
+def export(ckpt: Checkpoint, out_dir: Path, pipeline=None) -> dict[str, Path]:
+    """Write weights.bin, step.onnx and prefill.onnx into out_dir (which must exist), after running
+    `pipeline` (a callable on the dict of graphs, see edgemamba.passes) if given."""
+    models = build_graphs(ckpt)
+    if pipeline is not None:
+        pipeline(models)
+    return save_graphs(models, out_dir)

@@ -21,21 +21,24 @@ from edgemamba.errors import EdgeMambaError
 from edgemamba.export import WEIGHTS_FILE
 
 
-def _shared_weights(graph_path: Path, weights: np.memmap) -> tuple[list[str], list[ort.OrtValue]]:
-    """OrtValues viewing weights.bin for every external initializer of a graph (no copies)."""
+def _shared_weights(graph_path: Path, weights: np.ndarray, cache: dict[str, ort.OrtValue]) -> dict[str, ort.OrtValue]:
+    """OrtValues viewing weights.bin for every external initializer of a graph (no copies);
+    `cache` makes graphs that share an initializer share one OrtValue."""
     model = onnx.load(str(graph_path), load_external_data=False)
-    names, values = [], []
+    out = {}
     for init in model.graph.initializer:
         info = {e.key: e.value for e in init.external_data}
         if info.get("location") != WEIGHTS_FILE:
             continue
-        offset, length = int(info["offset"]), int(info["length"])
-        if offset + length > weights.size:
-            raise EdgeMambaError(f"{graph_path}: initializer {init.name} points past the end of {WEIGHTS_FILE}")
-        arr = weights[offset : offset + length].view(np.float32).reshape(tuple(init.dims))
-        names.append(init.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
-    return names, values
+        if init.name not in cache:
+            offset, length = int(info["offset"]), int(info["length"])
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            if offset + length > weights.size or length != dtype.itemsize * int(np.prod(init.dims)):
+                raise EdgeMambaError(f"{graph_path}: initializer {init.name} does not fit {WEIGHTS_FILE}")
+            arr = weights[offset : offset + length].view(dtype).reshape(tuple(init.dims))
+            cache[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
+        out[init.name] = cache[init.name]
+    return out
 
 
 class OrtBackend:
@@ -45,8 +48,7 @@ class OrtBackend:
         # Copy-on-write mapping: writable as ORT requires, never written, so the pages stay shared
         # with the page cache (and with other processes running the same artifact).
         self._weights = np.memmap(artifact.path / WEIGHTS_FILE, dtype=np.uint8, mode="c")
-        names, values = _shared_weights(artifact.file("step"), self._weights)
-        self._weight_values = values  # OrtValues must outlive the sessions
+        self._weight_values: dict[str, ort.OrtValue] = {}  # must outlive the sessions
         self.sessions = {}
         for kind in ("step", "prefill"):
             so = ort.SessionOptions()
@@ -54,7 +56,7 @@ class OrtBackend:
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.add_session_config_entry("session.disable_prepacking", "1")
-            for name, value in zip(names, values):
+            for name, value in _shared_weights(artifact.file(kind), self._weights, self._weight_values).items():
                 so.add_initializer(name, value)
             try:
                 self.sessions[kind] = ort.InferenceSession(str(artifact.file(kind)), so,
