@@ -43,19 +43,35 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------
 # config -> ModelSpec
 # ---------------------------------------------------------------------------------------------
-def _json_float(x: Any) -> float:
-    """transformers writes infinity as {"__float__": "Infinity"}; plain JSON may carry a string."""
+def _json_float(x: Any, where: str, key: str) -> float:
+    """transformers writes infinity as {"__float__": "Infinity"}; plain JSON may carry a string;
+    null means unbounded."""
     if isinstance(x, dict) and "__float__" in x:
         x = x["__float__"]
     if x is None:
         return math.inf
-    return float(x)
+    try:
+        if isinstance(x, (bool, list, dict)):
+            raise TypeError
+        return float(x)
+    except (TypeError, ValueError):
+        raise EdgeMambaError(f"{where}: field {key!r} has invalid value {x!r}") from None
 
 
-def _first_id(x: Any) -> int | None:
+def _float_pair(x: Any, where: str, key: str) -> tuple[float, float]:
+    if not isinstance(x, (list, tuple)) or len(x) != 2:
+        raise EdgeMambaError(f"{where}: field {key!r} must be a pair [min, max], got {x!r}")
+    return _json_float(x[0], where, key), _json_float(x[1], where, key)
+
+
+def _first_id(x: Any, where: str, key: str) -> int | None:
     if isinstance(x, list):
-        return int(x[0]) if x else None
-    return None if x is None else int(x)
+        x = x[0] if x else None
+    if x is None:
+        return None
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise EdgeMambaError(f"{where}: field {key!r} has invalid value {x!r}")
+    return x
 
 
 class _Config:
@@ -73,8 +89,12 @@ class _Config:
                 if not isinstance(value, bool):
                     raise ValueError
                 return value
+            if isinstance(value, (bool, list, dict)):  # float(True) and int(False) would pass
+                raise TypeError
             out = kind(value)
             if kind is int and out != value:
+                raise ValueError
+            if kind is float and not math.isfinite(out):
                 raise ValueError
             return out
         except (TypeError, ValueError, OverflowError):
@@ -98,13 +118,10 @@ def spec_from_hf_config(config: dict, where: str = "config.json") -> ModelSpec:
         use_bias=c.get("use_bias", False, bool),
         use_conv_bias=c.get("use_conv_bias", True, bool),
         residual_in_fp32=c.get("residual_in_fp32", True, bool),
-        eos_token_id=_first_id(config.get("eos_token_id", 0 if model_type != "mamba2" else 2)),
+        eos_token_id=_first_id(config.get("eos_token_id", 0 if model_type != "mamba2" else 2), where, "eos_token_id"),
         source=f"hf:{model_type}",
     )
     if model_type == "mamba2":
-        limit = config.get("time_step_limit", (0.0, math.inf))
-        if not isinstance(limit, (list, tuple)) or len(limit) != 2:
-            raise EdgeMambaError(f"{where}: field 'time_step_limit' must be a pair, got {limit!r}")
         return ModelSpec(
             arch="mamba2",
             vocab_size=c.get("vocab_size", 32768),
@@ -113,7 +130,7 @@ def spec_from_hf_config(config: dict, where: str = "config.json") -> ModelSpec:
             head_dim=c.get("head_dim", 64),
             n_groups=c.get("n_groups", 8),
             tie_embeddings=c.get("tie_word_embeddings", False, bool),
-            dt_limit=(_json_float(limit[0]), _json_float(limit[1])),
+            dt_limit=_float_pair(config.get("time_step_limit", (0.0, math.inf)), where, "time_step_limit"),
             **common,
         )
     falcon = model_type == "falcon_mamba"
@@ -177,14 +194,15 @@ def spec_from_mamba_ssm_config(config: dict, where: str = "config.json") -> Mode
     if not s.get("rmsnorm", True, bool):
         raise EdgeMambaError(f"{where}: ssm_cfg.rmsnorm=false is not supported")
     head_dim = s.get("headdim", 64)
-    limit = ssm_cfg.get("dt_limit", (0.0, math.inf))
+    if head_dim <= 0:
+        raise EdgeMambaError(f"{where}: ssm_cfg.headdim must be positive, got {head_dim}")
     return ModelSpec(
         arch="mamba2",
         d_state=s.get("d_state", 128),
         n_heads=common["d_inner"] // head_dim,
         head_dim=head_dim,
         n_groups=s.get("ngroups", 1),
-        dt_limit=(_json_float(limit[0]), _json_float(limit[1])),
+        dt_limit=_float_pair(ssm_cfg.get("dt_limit", (0.0, math.inf)), f"{where}: ssm_cfg", "dt_limit"),
         norm_before_gate=s.get("norm_before_gate", False, bool),
         **common,
     )

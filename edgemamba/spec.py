@@ -51,10 +51,29 @@ class ModelSpec:
             if not cond:
                 raise EdgeMambaError(f"invalid model spec: {what}")
 
-        need(self.arch in ARCHS, f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_real(x) -> bool:
+            return (is_int(x) or isinstance(x, float)) and not math.isnan(x)
+
+        # Types first: a hand-edited manifest must not reach the comparisons below with a string.
+        need(isinstance(self.arch, str) and self.arch in ARCHS, f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         for name in ("d_model", "n_layer", "vocab_size", "d_inner", "d_state", "d_conv"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        for name in ("dt_rank", "n_heads", "head_dim", "n_groups"):
+            value = getattr(self, name)
+            need(is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("use_bias", "use_conv_bias", "residual_in_fp32", "tie_embeddings", "norm_before_gate"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(is_real(self.norm_eps) and math.isfinite(self.norm_eps), f"norm_eps must be a number, got {self.norm_eps!r}")
+        need(isinstance(self.dt_limit, tuple) and len(self.dt_limit) == 2 and all(map(is_real, self.dt_limit)),
+             f"dt_limit must be a pair of numbers, got {self.dt_limit!r}")
+        need(self.bcdt_rms_eps is None or (is_real(self.bcdt_rms_eps) and 0 < self.bcdt_rms_eps < math.inf),
+             f"bcdt_rms_eps must be a positive number or null, got {self.bcdt_rms_eps!r}")
+        need(self.eos_token_id is None or is_int(self.eos_token_id), f"eos_token_id must be an integer, got {self.eos_token_id!r}")
+        need(isinstance(self.source, str), f"source must be a string, got {self.source!r}")
         # Sizes a crafted config could inflate: refuse before anything is allocated from them.
         need(self.d_model <= 65536 and self.d_inner <= 262144, "d_model/d_inner are implausibly large")
         need(self.n_layer <= 1024 and self.vocab_size <= 4_194_304, "n_layer/vocab_size are implausibly large")
@@ -152,13 +171,19 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
+        if not isinstance(d, dict):
+            raise EdgeMambaError(f"invalid model spec: expected an object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise EdgeMambaError(f"invalid model spec: unknown field(s) {', '.join(unknown)}")
         d = dict(d)
         if "dt_limit" in d:
-            lo, hi = d["dt_limit"]
+            limit = d["dt_limit"]
+            if not isinstance(limit, list) or len(limit) != 2 or not all(
+                    x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in limit):
+                raise EdgeMambaError(f"invalid model spec: dt_limit must be [min, max or null], got {limit!r}")
+            lo, hi = limit
             d["dt_limit"] = (float(lo or 0.0), math.inf if hi is None else float(hi))
         try:
             return cls(**d)
