@@ -25,8 +25,14 @@ FORMAT = "edgemamba-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
+def _targets() -> dict[str, tuple[str, ...]]:
+    from edgemamba.passes.pipelines import PIPELINES, precisions_for
+
+    return {target: precisions_for(target) for target, _ in PIPELINES}
+
+
 # target -> precisions it can build now. Looked up, never branched on.
-TARGETS: dict[str, tuple[str, ...]] = {"ort-cpu": ("fp32",)}
+TARGETS: dict[str, tuple[str, ...]] = _targets()
 
 
 def sha256_file(path: Path) -> str:
@@ -112,13 +118,17 @@ def check_target(target: str, precision: str) -> None:
 
 
 def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", precision: str = "fp32",
-                     force: bool = False) -> Artifact:
-    from edgemamba.export import GRAPHS, export, state_shapes
+                     force: bool = False, recipe=None) -> Artifact:
+    from edgemamba.export import GRAPHS, build_graphs, save_graphs, state_shapes
+    from edgemamba.passes.pipelines import build_pipeline
 
     check_target(target, precision)
     spec = ckpt.spec
+    run_pipeline, pipeline = build_pipeline(target, precision, recipe)
     with atomic_dir(dest, force) as tmp:
-        files = export(ckpt, tmp)
+        models = build_graphs(ckpt)
+        pipeline["modified"] = run_pipeline(models)
+        files = save_graphs(models, tmp)
         tokenizer = None
         if ckpt.tokenizer_path is not None:
             shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
@@ -138,6 +148,7 @@ def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", prec
             "precision": precision,
             "spec": spec.to_dict(),
             "spec_hash": spec.spec_hash(),
+            "pipeline": pipeline,
             "graphs": {k: files[k].name for k in GRAPHS},
             "tokenizer": tokenizer,
             "io": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},

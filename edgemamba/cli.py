@@ -110,22 +110,37 @@ def export(checkpoint, output, force):
 
 @main.command(name="compile")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--target", default="ort-cpu", show_default=True, help="Deployment target.")
-@click.option("--precision", default="fp32", show_default=True, help="Weight/activation precision.")
+@click.option("--target", default=None, help="Deployment target (default: ort-cpu, or the --device's first that builds).")
+@click.option("--precision", default=None, help="Weight/activation precision (default: fp32, or the --device's first).")
+@click.option("--device", help="Device profile (`edgemamba devices`): picks defaults, refuses a model that does not fit.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to create.")
+@click.option("--recipe", type=click.Path(), help="YAML recipe: per-layer overrides (block_size, keep, skip_layers, ...).")
 @click.option("--force", is_flag=True, help="Replace the artifact if it exists.")
-def compile_cmd(checkpoint, target, precision, output, force):
+def compile_cmd(checkpoint, target, precision, output, recipe, force, device):
     """Compile a checkpoint into a deployable artifact (manifest + graphs + weights + tokenizer).
 
+    Precisions for ort-cpu: fp32, fp16 (16-bit weights, float32 islands and state), int8 and int4
+    (block-wise weights on ONNX Runtime's MatMulNBits, int8 embedding).
+
     \b
-    Example:
+    Examples:
       edgemamba compile ./mamba-130m-hf --target ort-cpu --precision fp32 -o mamba.em
+      edgemamba compile ./mamba-130m-hf --precision int4 --recipe recipe.yaml -o mamba-int4.em
     """
     from edgemamba.artifact import check_target, compile_artifact
 
+    fit_note = None
+    if device:  # target/precision defaults for the device, and the memory fit check (spec only, no load)
+        from edgemamba.devices.cli import compile_choice
+
+        target, precision, fit_note = compile_choice(checkpoint, device, target, precision)
+    target, precision = target or "ort-cpu", precision or "fp32"
+    from edgemamba.passes.pipelines import Recipe
+
     check_target(target, precision)  # refuse before the (possibly long) load
+    parsed = Recipe.load(recipe)
     ckpt = _load(checkpoint)
-    art = compile_artifact(ckpt, output, target, precision, force)
+    art = compile_artifact(ckpt, output, target, precision, force, parsed)
     files = art.manifest["files"]
     total = sum(f["bytes"] for f in files.values())
     spec = art.spec
@@ -135,7 +150,12 @@ def compile_cmd(checkpoint, target, precision, output, force):
     click.echo(f"  state           {_fmt_bytes(spec.state_bytes(1))} per sequence, constant in context length")
     click.echo(f"  expected memory ~{_fmt_bytes(files['weights.bin']['bytes'] + spec.state_bytes(1))} weights + state, "
                "plus runtime workspace")
-    click.echo("  accuracy        fp32: same numerics as the reference (checked by the test suite)")
+    if fit_note:
+        click.echo(f"  device          {fit_note}")
+    if precision == "fp32":
+        click.echo("  accuracy        fp32: same numerics as the reference (checked by the test suite)")
+    else:
+        click.echo(f"  accuracy        run `edgemamba verify {output} --reference {checkpoint} --text FILE` to measure it")
 
 
 def _prompt_ids(session, prompt, prompt_ids):
@@ -231,24 +251,51 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_k
               help="Decode after this many context tokens (prefilled first).")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100), help="Prefill timing repeats.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: physical cores).")
+@click.option("--predict", "predict_device", metavar="DEVICE",
+              help="Also predict on a device: a name from `edgemamba devices`, 'this', or a profile JSON.")
+@click.option("--no-measure", is_flag=True, help="With --predict: the prediction only, nothing measured here.")
+@click.option("--contexts", help="Decode latency and memory at these context lengths instead, e.g. 64,1k,8k,64k.")
+@click.option("--plot", type=click.Path(), help="With --contexts: write the plot (PNG) here and its data beside it (.json).")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, tokens, prompt_len, context, repeats, threads, as_json):
+def bench(artifact, tokens, prompt_len, context, repeats, threads, predict_device, no_measure, contexts, plot, as_json):
     """Measure decode latency (p50/p90/p99), prefill throughput, peak RSS and state bytes.
 
     \b
-    Example:
+    Examples:
       edgemamba bench mamba.em --tokens 256 --prompt-len 512 --json
+      edgemamba bench mamba.em --predict orin-nano-8gb --no-measure
+      edgemamba bench mamba.em --predict this          # prediction beside measurement, with its error
+      edgemamba bench mamba.em --contexts 64,1k,8k,64k --tokens 64 --plot context.png
     """
     from edgemamba.measure import bench_artifact
 
-    result = bench_artifact(artifact, tokens=tokens, prompt_len=prompt_len, context=context, repeats=repeats,
-                            threads=threads, progress=not as_json)
+    if contexts or plot:
+        from edgemamba.devices.cli import bench_contexts
+
+        return bench_contexts(artifact, contexts, plot, tokens, threads, as_json)
+    if no_measure and not predict_device:
+        raise click.UsageError("--no-measure needs --predict DEVICE")
+    result = {} if no_measure else bench_artifact(artifact, tokens=tokens, prompt_len=prompt_len, context=context,
+                                                  repeats=repeats, threads=threads, progress=not as_json)
+    if predict_device:
+        from edgemamba.devices.cli import bench_prediction, echo_prediction
+
+        result["prediction"] = bench_prediction(artifact, predict_device, prompt_len, result or None)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    d = result["decode_ms"]
-    click.echo(f"decode      p50 {d['p50']:.2f} ms/token   p90 {d['p90']:.2f}   p99 {d['p99']:.2f}   "
-               f"({result['tokens']} tokens at context {result['context']})")
-    click.echo(f"prefill     {result['prefill_tokens_per_s']:.0f} tokens/s ({prompt_len}-token prompt, median of {repeats})")
-    click.echo(f"peak RSS    {_fmt_bytes(result['peak_rss_bytes'])}   weights {_fmt_bytes(result['weight_bytes'])}")
-    click.echo(f"state       {_fmt_bytes(result['state_bytes'])} per sequence")
+    if not no_measure:
+        d = result["decode_ms"]
+        click.echo(f"decode      p50 {d['p50']:.2f} ms/token   p90 {d['p90']:.2f}   p99 {d['p99']:.2f}   "
+                   f"({result['tokens']} tokens at context {result['context']})")
+        click.echo(f"prefill     {result['prefill_tokens_per_s']:.0f} tokens/s ({prompt_len}-token prompt, "
+                   f"median of {repeats})")
+        click.echo(f"peak RSS    {_fmt_bytes(result['peak_rss_bytes'])}   weights {_fmt_bytes(result['weight_bytes'])}")
+        click.echo(f"state       {_fmt_bytes(result['state_bytes'])} per sequence")
+    if predict_device:
+        echo_prediction(result["prediction"])
+
+
+from edgemamba.devices.cli import devices_cmd  # noqa: E402
+
+main.add_command(devices_cmd)

@@ -181,7 +181,7 @@ def test_failed_compile_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(export_mod, "export", boom)
+    monkeypatch.setattr(export_mod, "save_graphs", boom)
     with pytest.raises(RuntimeError):
         compile_artifact(ck, tmp_path / "out.em")
     assert list(tmp_path.iterdir()) == []
