@@ -1,0 +1,326 @@
+"""Device profiles and target costs: data, not code paths.
+
+Every figure carries its source: a vendor document's name, "measured: ..." or "estimate: why".
+Estimates are marked as such (`Figure.estimate`) and shown as such by `edgemamba devices NAME`.
+Code never branches on a device's name: fit checks and predictions look figures up here.
+
+Units: bytes, bytes/s, operations/s (a multiply-add counts 2), seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemamba.errors import EdgeMambaError
+
+GiB = 1 << 30
+MiB = 1 << 20
+GB = 1e9
+TERA = 1e12
+GIGA = 1e9
+
+# Precisions edgemamba knows, and the compute type each runs its matrix products in: weight-only
+# int8/int4 dequantize to fp16 on GPUs (and to fp32 on CPUs without fp16 arithmetic).
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "w8a8")
+COMPUTE_DTYPE = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "fp16", "w8a8": "int8"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: float
+    source: str  # vendor document name, "measured: how", or "estimate: why"
+
+    @property
+    def estimate(self) -> bool:
+        return self.source.startswith("estimate")
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "source": self.source, "estimate": self.estimate}
+
+    @classmethod
+    def from_dict(cls, d) -> Figure:
+        if isinstance(d, (int, float)):
+            return cls(float(d), "given")
+        return cls(float(d["value"]), str(d.get("source", "given")))
+
+
+def est(value: float, why: str) -> Figure:
+    return Figure(value, f"estimate: {why}")
+
+
+@dataclass(frozen=True)
+class Processor:
+    """The CPU or GPU a target runs on, with the memory its weights live in."""
+
+    kind: str  # "cpu" or "gpu"
+    name: str
+    cores: int  # CPU cores, or GPU streaming multiprocessors
+    memory: Figure  # bytes of the memory the weights live in (shared on Jetson and Pi)
+    usable_memory: Figure  # what is left for edgemamba after the OS (and desktop) take their share
+    bandwidth: Figure  # peak bytes/s of that memory
+    bandwidth_efficiency: Figure  # fraction of the peak a streaming read reaches from this processor
+    peak_ops: dict[str, Figure]  # compute dtype ("fp32", "fp16", "int8") -> dense ops/s
+    compute_efficiency: Figure  # fraction of peak a large matrix product reaches
+
+    def achievable_bandwidth(self) -> float:
+        return self.bandwidth.value * self.bandwidth_efficiency.value
+
+    def achievable_ops(self, dtype: str) -> float:
+        # A processor without a faster path for a dtype runs it at its fp32 rate (e.g. fp16 on x86 CPUs).
+        peak = self.peak_ops.get(dtype) or self.peak_ops["fp32"]
+        return peak.value * self.compute_efficiency.value
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind, "name": self.name, "cores": self.cores,
+            "memory_bytes": self.memory.to_dict(), "usable_memory_bytes": self.usable_memory.to_dict(),
+            "bandwidth_bytes_per_s": self.bandwidth.to_dict(),
+            "bandwidth_efficiency": self.bandwidth_efficiency.to_dict(),
+            "peak_ops_per_s": {k: v.to_dict() for k, v in self.peak_ops.items()},
+            "compute_efficiency": self.compute_efficiency.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Processor:
+        return cls(kind=d["kind"], name=d["name"], cores=int(d["cores"]), memory=Figure.from_dict(d["memory_bytes"]),
+                   usable_memory=Figure.from_dict(d["usable_memory_bytes"]),
+                   bandwidth=Figure.from_dict(d["bandwidth_bytes_per_s"]),
+                   bandwidth_efficiency=Figure.from_dict(d["bandwidth_efficiency"]),
+                   peak_ops={k: Figure.from_dict(v) for k, v in d["peak_ops_per_s"].items()},
+                   compute_efficiency=Figure.from_dict(d["compute_efficiency"]))
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str  # what users type: `--device orin-nano-8gb`
+    title: str
+    cpu: Processor
+    gpu: Processor | None
+    targets: tuple[str, ...]  # the targets that run here, most preferred first
+    precisions: tuple[str, ...]  # the precisions that run here, most preferred first
+    notes: str = ""
+
+    def processor(self, target: str) -> Processor:
+        kind = target_cost(target).processor
+        proc = self.gpu if kind == "gpu" else self.cpu
+        if proc is None or target not in self.targets:
+            raise EdgeMambaError(f"target {target!r} does not run on {self.name}; its targets: {', '.join(self.targets)}")
+        return proc
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "title": self.title, "cpu": self.cpu.to_dict(),
+                "gpu": self.gpu.to_dict() if self.gpu else None, "targets": list(self.targets),
+                "precisions": list(self.precisions), "notes": self.notes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeviceProfile:
+        try:
+            return cls(name=d["name"], title=d["title"], cpu=Processor.from_dict(d["cpu"]),
+                       gpu=Processor.from_dict(d["gpu"]) if d.get("gpu") else None, targets=tuple(d["targets"]),
+                       precisions=tuple(d["precisions"]), notes=d.get("notes", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgeMambaError(f"invalid device profile: missing or malformed field {e}") from None
+
+
+@dataclass(frozen=True)
+class TargetCost:
+    """What a target adds to the roofline: per-launch and per-call overhead, and its runtime memory."""
+
+    processor: str  # "cpu" or "gpu"
+    launches_per_layer: dict[str, int]  # arch -> graph nodes / kernels per layer in one decode step
+    launches_fixed: int  # embedding, final norm, head
+    launch_s: Figure  # per graph node / kernel launch
+    call_s: Figure  # per graph call (host side: binding, dispatch)
+    scan_step_s: Figure  # prefill: per token per layer when the scan runs as a loop of graph nodes
+    weight_read_efficiency: Figure  # fraction of the processor's streaming bandwidth its matrix-vector products reach
+    gemm_efficiency: Figure  # fraction of the processor's achievable matrix-product rate its prefill reaches
+    runtime_bytes: Figure  # runtime libraries, context and allocator arenas resident while running
+    notes: str = ""
+
+
+_ORT_NOTE = "measured: 2-core AMD EPYC (Zen 5) CI machine, benchmarks/context_predict.py"
+_CUDA_LAUNCH = est(3e-6, "one kernel launch from a CUDA graph / TensorRT enqueue, 2-4 µs")
+
+# Decode-step launches per layer: ort-cpu counts the exporter's graph nodes (Constant nodes
+# folded away); fused GPU/TVM targets count kernels (norm, in_proj, conv, x_proj, dt_proj,
+# scan update, gate, out_proj, residual).
+TARGET_COSTS: dict[str, TargetCost] = {
+    "ort-cpu": TargetCost(
+        processor="cpu",
+        launches_per_layer={"mamba1": 47, "mamba2": 52},
+        launches_fixed=8,
+        launch_s=Figure(2.5e-6, _ORT_NOTE + " (tiny model, where overhead dominates)"),
+        call_s=Figure(40e-6, _ORT_NOTE),
+        scan_step_s=Figure(20e-6, _ORT_NOTE + " (ONNX Scan: 6 body nodes per token per layer)"),
+        weight_read_efficiency=Figure(0.6, _ORT_NOTE + " (MLAS packs weight panels per call: prepacking is off)"),
+        gemm_efficiency=Figure(1.0, _ORT_NOTE),
+        runtime_bytes=est(128 * MiB, "Python, NumPy and ONNX Runtime resident set with a tiny model (measured ~140 MiB)"),
+    ),
+    "tensorrt": TargetCost(
+        processor="gpu", launches_per_layer={"mamba1": 9, "mamba2": 10}, launches_fixed=4, launch_s=_CUDA_LAUNCH,
+        call_s=est(20e-6, "enqueue + stream sync"), scan_step_s=est(0.0, "fused selective-scan plugin"),
+        weight_read_efficiency=est(0.9, "cuBLAS/TensorRT GEMV on large matrices"),
+        gemm_efficiency=est(1.0, "cuBLAS/TensorRT GEMM (the processor's efficiency covers it)"),
+        runtime_bytes=est(800 * MiB, "CUDA context + TensorRT/cuBLAS kernels resident (about 0.6-1 GiB on Jetson)"),
+    ),
+    "tvm-cuda": TargetCost(
+        processor="gpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4, launch_s=_CUDA_LAUNCH,
+        call_s=est(30e-6, "packed-function call + stream sync"), scan_step_s=est(0.0, "TIR scan kernel"),
+        weight_read_efficiency=est(0.8, "TVM-generated GEMV kernels"),
+        gemm_efficiency=est(0.7, "tuned TVM GEMM against cuBLAS"),
+        runtime_bytes=est(400 * MiB, "CUDA context + compiled module"),
+    ),
+    "tvm-llvm": TargetCost(
+        processor="cpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4,
+        launch_s=est(1e-6, "one packed-function call per fused operator"), call_s=est(20e-6, "VM entry + binding"),
+        scan_step_s=est(1e-6, "scan loop compiled into one operator"),
+        weight_read_efficiency=est(0.7, "LLVM-vectorized GEMV"),
+        gemm_efficiency=est(0.7, "tuned TVM GEMM against MLAS/OpenBLAS"),
+        runtime_bytes=est(64 * MiB, "TVM runtime + compiled library"),
+    ),
+    "tvm-aarch64": TargetCost(
+        processor="cpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4,
+        launch_s=est(2e-6, "one packed-function call per fused operator on a Cortex-A core"),
+        call_s=est(40e-6, "VM entry + binding on a Cortex-A core"),
+        scan_step_s=est(2e-6, "scan loop compiled into one operator"),
+        weight_read_efficiency=est(0.7, "LLVM-vectorized NEON GEMV"),
+        gemm_efficiency=est(0.7, "tuned TVM GEMM against a BLAS"),
+        runtime_bytes=est(64 * MiB, "TVM runtime + compiled library"),
+    ),
+}
+
+
+def target_cost(target: str) -> TargetCost:
+    try:
+        return TARGET_COSTS[target]
+    except KeyError:
+        raise EdgeMambaError(f"unknown target {target!r}; known: {', '.join(TARGET_COSTS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the profiles
+# ---------------------------------------------------------------------------------------------
+def _arm_a7x(cores: int, ghz: float) -> dict[str, Figure]:
+    """Cortex-A76/A78: two 128-bit NEON FMA pipes -> 16 fp32, 32 fp16 flops and 64 int8 ops (SDOT) per cycle."""
+    why = f"{cores} cores × {ghz} GHz × 2 NEON FMA pipes (16 fp32 / 32 fp16 / 64 int8-SDOT ops per cycle)"
+    return {"fp32": est(cores * ghz * 16 * GIGA, why), "fp16": est(cores * ghz * 32 * GIGA, why),
+            "int8": est(cores * ghz * 64 * GIGA, why)}
+
+
+def _jetson(name: str, title: str, sheet: str, *, gib: int, usable_gib: float, bandwidth_gbs: float, cpu_cores: int,
+            cpu_ghz: float, sms: int, gpu_mhz: int, int8_sparse_tops_gpu: float, int8_source: str, notes: str):
+    memory = Figure(gib * GiB, sheet)
+    usable = est(usable_gib * GiB, f"{gib} GiB minus carve-outs and Ubuntu + JetPack desktop "
+                                   f"(~{gib - usable_gib:.1f} GiB); headless images leave ~1 GiB more")
+    bandwidth = Figure(bandwidth_gbs * GB, sheet)
+    int8_dense = int8_sparse_tops_gpu / 2 * TERA
+    gpu = Processor(
+        kind="gpu", name=f"{sms * 128}-core NVIDIA Ampere GPU, {sms * 4} Tensor Cores, {gpu_mhz} MHz", cores=sms,
+        memory=memory, usable_memory=usable, bandwidth=bandwidth,
+        bandwidth_efficiency=est(0.8, "GPU streaming reads on LPDDR5 reach ~80% of peak"),
+        peak_ops={"fp32": est(sms * 128 * 2 * gpu_mhz * 1e6, f"{sms * 128} CUDA cores × 2 × {gpu_mhz} MHz"),
+                  "fp16": est(int8_dense / 2, "half the dense INT8 Tensor Core rate (Ampere)"),
+                  "int8": Figure(int8_dense, f"{int8_source}: {int8_sparse_tops_gpu:g} sparse INT8 TOPS (GPU), halved "
+                                             "for dense")},
+        compute_efficiency=est(0.6, "Tensor Core GEMM at chunk-sized M reaches ~60% of peak"),
+    )
+    cpu = Processor(
+        kind="cpu", name=f"{cpu_cores}-core Arm Cortex-A78AE, {cpu_ghz} GHz", cores=cpu_cores, memory=memory,
+        usable_memory=usable, bandwidth=bandwidth,
+        bandwidth_efficiency=est(0.5, "the Orin CPU complex reaches about half of the LPDDR5 peak"),
+        peak_ops=_arm_a7x(cpu_cores, cpu_ghz), compute_efficiency=est(0.5, "NEON GEMM in a portable runtime"),
+    )
+    return DeviceProfile(name, title, cpu, gpu, targets=("tensorrt", "tvm-cuda", "tvm-aarch64", "ort-cpu"),
+                         precisions=("fp16", "int8", "w8a8", "int4", "fp32"), notes=notes)
+
+
+def _dgpu(name: str, title: str, *, gpu_name: str, sms: int, sheet: str, gib: float, usable_gib: float,
+          bandwidth_gbs: float, fp32_t: float, fp16_t: float, int8_t: float, dense_note: str, host: Processor,
+          notes: str):
+    return DeviceProfile(
+        name, title, cpu=host,
+        gpu=Processor(
+            kind="gpu", name=gpu_name, cores=sms, memory=Figure(gib * GiB, sheet),
+            usable_memory=est(usable_gib * GiB, "minus the CUDA context, driver reserve and (desktop) display"),
+            bandwidth=Figure(bandwidth_gbs * GB, sheet),
+            bandwidth_efficiency=est(0.85, "streaming reads reach 80-90% of GDDR6X/HBM3 peak"),
+            peak_ops={"fp32": Figure(fp32_t * TERA, sheet), "fp16": Figure(fp16_t * TERA, f"{sheet} ({dense_note})"),
+                      "int8": Figure(int8_t * TERA, f"{sheet} ({dense_note})")},
+            compute_efficiency=est(0.6, "Tensor Core GEMM at chunk-sized M reaches ~60% of peak"),
+        ),
+        targets=("tensorrt", "tvm-cuda", "ort-cpu", "tvm-llvm"), precisions=("fp16", "int8", "w8a8", "int4", "fp32"),
+        notes=notes,
+    )
+
+
+def _x86_host(name: str, cores: int, ghz: float, gib: int, usable_gib: int, channels: int, mts: int,
+              why: str) -> Processor:
+    avx = f"{cores} cores × {ghz} GHz × 2 256-bit FMA pipes (32 fp32 flops/cycle)"
+    return Processor(
+        kind="cpu", name=name, cores=cores, memory=est(gib * GiB, why),
+        usable_memory=est(usable_gib * GiB, "minus the OS, desktop and other applications"),
+        bandwidth=est(channels * 8 * mts * 1e6, f"{channels} × 64-bit DDR5-{mts} channels (JEDEC)"),
+        bandwidth_efficiency=est(0.6, "all-core streaming reads on client DDR5 reach ~60% of peak"),
+        peak_ops={"fp32": est(cores * ghz * 32 * GIGA, avx), "int8": est(cores * ghz * 128 * GIGA, avx + ", VNNI ×4")},
+        compute_efficiency=est(0.5, "MLAS/LLVM GEMM at sustained all-core clocks"),
+    )
+
+
+_H100_SHEET = "NVIDIA H100 Tensor Core GPU datasheet (SXM5)"
+_ADA_SHEET = "NVIDIA Ada GPU Architecture whitepaper (GeForce RTX 4090)"
+_RPI5 = "Raspberry Pi 5 product brief"
+
+PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (
+    _jetson("orin-nano-8gb", "NVIDIA Jetson Orin Nano 8GB", "NVIDIA Jetson Orin Nano Series Data Sheet", gib=8,
+            usable_gib=5.5, bandwidth_gbs=68, cpu_cores=6, cpu_ghz=1.5, sms=8, gpu_mhz=625, int8_sparse_tops_gpu=40,
+            int8_source="NVIDIA Jetson Orin Nano Series Data Sheet",
+            notes="15 W mode figures; the 'Super' mode (JetPack 6.2, 25 W) raises bandwidth to 102 GB/s and the GPU "
+                  "clock to 1020 MHz"),
+    _jetson("orin-nx-16gb", "NVIDIA Jetson Orin NX 16GB", "NVIDIA Jetson Orin NX Series Data Sheet", gib=16,
+            usable_gib=13.5, bandwidth_gbs=102.4, cpu_cores=8, cpu_ghz=2.0, sms=8, gpu_mhz=918,
+            int8_sparse_tops_gpu=60, int8_source="estimate: 100 sparse INT8 TOPS (module, NVIDIA Jetson Orin NX Series "
+                                                  "Data Sheet) minus 40 for the two DLAs",
+            notes="25 W mode figures"),
+    _jetson("agx-orin-64gb", "NVIDIA Jetson AGX Orin 64GB", "NVIDIA Jetson AGX Orin Series Data Sheet", gib=64,
+            usable_gib=61, bandwidth_gbs=204.8, cpu_cores=12, cpu_ghz=2.2, sms=16, gpu_mhz=1300,
+            int8_sparse_tops_gpu=170, int8_source="NVIDIA Jetson AGX Orin Series Data Sheet", notes="MAXN mode figures"),
+    DeviceProfile(
+        "rpi5-8gb", "Raspberry Pi 5 8GB",
+        cpu=Processor(
+            kind="cpu", name="4-core Arm Cortex-A76 (BCM2712), 2.4 GHz", cores=4, memory=Figure(8 * GiB, _RPI5),
+            usable_memory=est(7 * GiB, "8 GiB minus Raspberry Pi OS with desktop (~1 GiB)"),
+            bandwidth=est(17.1 * GB, f"32-bit LPDDR4X-4267 ({_RPI5}): 4267 MT/s × 4 bytes"),
+            bandwidth_efficiency=est(0.6, "STREAM-like reads on the Pi 5 reach ~10 GB/s"),
+            peak_ops=_arm_a7x(4, 2.4), compute_efficiency=est(0.5, "NEON GEMM in a portable runtime"),
+        ),
+        gpu=None, targets=("tvm-aarch64", "ort-cpu"), precisions=("int8", "w8a8", "int4", "fp16", "fp32"),
+        notes="the VideoCore VII GPU is not a target",
+    ),
+    DeviceProfile(
+        "x86-laptop", "Typical x86 laptop (8 cores, 16 GB DDR5-5600)",
+        cpu=_x86_host("8-core x86-64 laptop CPU, AVX2 + VNNI, ~4 GHz", cores=8, ghz=4.0, gib=16, usable_gib=10,
+                      channels=2, mts=5600, why="a typical 2024 laptop: 16 GB, dual-channel DDR5-5600"),
+        gpu=None, targets=("ort-cpu", "tvm-llvm"), precisions=("fp32", "int8", "w8a8", "int4", "fp16"),
+        notes="a composite of current 8-core laptop CPUs (e.g. Ryzen 7 7840U, Core Ultra 7 155H): every figure "
+              "is an estimate; `edgemamba devices --probe` measures yours",
+    ),
+    _dgpu("rtx-4090", "NVIDIA GeForce RTX 4090 (desktop)", gpu_name="NVIDIA GeForce RTX 4090, 128 SMs", sms=128,
+          sheet=_ADA_SHEET, gib=24, usable_gib=22.5, bandwidth_gbs=1008, fp32_t=82.6, fp16_t=165.2, int8_t=660.6,
+          dense_note="dense Tensor Core rates; fp16 with fp32 accumulation", host=_x86_host("16-core desktop host CPU (estimate)", cores=16, ghz=4.5, gib=64, usable_gib=56, channels=2,
+                         mts=5600, why="a typical desktop host: 64 GB dual-channel DDR5-5600"),
+          notes="GeForce runs fp16 with fp32 accumulation at half the fp16-accumulation rate"),
+    _dgpu("h100-sxm-80gb", "NVIDIA H100 SXM 80GB", gpu_name="NVIDIA H100 SXM5, 132 SMs", sms=132, sheet=_H100_SHEET,
+          gib=80, usable_gib=78, bandwidth_gbs=3350, fp32_t=67, fp16_t=989.5, int8_t=1979,
+          dense_note="the sparse Tensor Core figures halved for dense", host=_x86_host("16-core cloud host slice (estimate)", cores=16, ghz=3.0, gib=128, usable_gib=120,
+                         channels=4, mts=4800, why="a typical cloud VM slice beside one H100: 128 GiB"),
+          notes="one GPU of an HGX/DGX H100 board or a cloud VM"),
+)}
+
+
+def get_profile(name: str) -> DeviceProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise EdgeMambaError(f"unknown device {name!r}; known: {', '.join(PROFILES)} "
+                             "(or 'this' for this machine, or a profile JSON from `edgemamba devices --probe --json`)"
+                             ) from None
