@@ -1,9 +1,9 @@
 """Does a model fit a device? Weights + state + workspace against the memory left after the OS.
 
 Weights are counted per precision from the ModelSpec (or taken from an artifact's real files):
-matrices (in_proj, x_proj, dt_proj, out_proj) and the embedding / lm_head rows at the
-precision's storage, with their scales; the small per-channel tensors (norms, conv, A, D,
-dt_bias, biases) stay float32 in every precision, as do the state (DESIGN.md, numerics).
+matrices (in_proj, x_proj, dt_proj, out_proj) and the embedding / lm_head at the precision's
+storage, with their scales; the small per-channel tensors (norms, conv, A, D, dt_bias, biases)
+stay float32 in every precision, as does the state (DESIGN.md, numerics).
 """
 
 from __future__ import annotations
@@ -21,30 +21,27 @@ EMBEDDINGS = ("embedding", "lm_head")
 
 @dataclass(frozen=True)
 class Storage:
-    """How one precision stores a weight matrix (out, in): `bits` per weight plus one scale of
-    `scale_bytes` per `group` inputs (group 0: one scale per output row)."""
+    """How one precision stores a weight matrix (out, in): `bits` per weight, in blocks of `group`
+    inputs (0: no blocks) with one `scale_bytes` scale each, the input axis padded to whole blocks."""
 
     bits: int
-    group: int
-    scale_bytes: int
-    embedding_bits: int  # embedding / lm_head: a 4-bit tied head costs too much accuracy, so int4 keeps int8 rows
-    embedding_scale_bytes: int  # one per row
+    group: int = 0
+    scale_bytes: int = 0
 
     def matrix_bytes(self, rows: int, cols: int) -> int:
-        groups = 1 if self.group == 0 else math.ceil(cols / self.group)
-        return rows * cols * self.bits // 8 + rows * groups * self.scale_bytes
-
-    def embedding_bytes(self, rows: int, cols: int) -> int:
-        return rows * cols * self.embedding_bits // 8 + rows * self.embedding_scale_bytes
+        if self.group == 0:
+            return rows * cols * self.bits // 8
+        return rows * math.ceil(cols / self.group) * (self.group * self.bits // 8 + self.scale_bytes)
 
 
-# Per-channel fp32 scales for int8 (weight-only and W8A8); int4 in groups of 64 with fp16 scales.
+# edgemamba's own formats (passes/pipelines.py): int8 and int4 are MatMulNBits blocks of 128 and
+# 64 with float32 scales, the embedding / tied head quantized the same way; W8A8 weights as int8.
 STORAGE: dict[str, Storage] = {
-    "fp32": Storage(32, 0, 0, 32, 0),
-    "fp16": Storage(16, 0, 0, 16, 0),
-    "int8": Storage(8, 0, 4, 8, 4),
-    "w8a8": Storage(8, 0, 4, 8, 4),
-    "int4": Storage(4, 64, 2, 8, 4),
+    "fp32": Storage(32),
+    "fp16": Storage(16),
+    "int8": Storage(8, 128, 4),
+    "w8a8": Storage(8, 128, 4),
+    "int4": Storage(4, 64, 4),
 }
 assert set(STORAGE) == set(PRECISIONS)
 
@@ -62,10 +59,8 @@ def weight_bytes(spec: ModelSpec, precision: str) -> int:
     total = 0
     for name, shape in spec.weight_shapes().items():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in MATRICES:
+        if leaf in MATRICES or leaf in EMBEDDINGS:
             total += st.matrix_bytes(*shape)
-        elif leaf in EMBEDDINGS:
-            total += st.embedding_bytes(*shape)
         else:
             total += 4 * math.prod(shape)
     return total

@@ -57,7 +57,7 @@ def _streamed_fraction(spec: ModelSpec, precision: str) -> float:
     total = weight_bytes(spec, precision)
     if spec.tie_embeddings:
         return 1.0
-    unused = storage(precision).embedding_bytes(spec.vocab_size - 1, spec.d_model)
+    unused = storage(precision).matrix_bytes(spec.vocab_size - 1, spec.d_model)
     return (total - unused) / total
 
 

@@ -1,0 +1,225 @@
+"""Device profiles, memory fit, latency predictions and the latency-vs-context plot."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from edgemamba.artifact import TARGETS, compile_artifact, load_artifact
+from edgemamba.checkpoint import load_checkpoint
+from edgemamba.devices.context import parse_contexts, plot_context
+from edgemamba.devices.fit import check_fit, weight_bytes
+from edgemamba.devices.predict import artifact_workload, predict, workload
+from edgemamba.devices.profiles import GiB, PROFILES, DeviceProfile, Figure, Processor, get_profile
+from edgemamba.errors import EdgeMambaError
+from edgemamba.spec import ModelSpec
+from test_cli import assert_user_error, run_cli
+
+# mamba-2.8b's shape: d_model 2560, 64 layers, vocab 50280, d_inner 5120, d_state 16, dt_rank 160.
+MAMBA_2P8B = ModelSpec("mamba1", d_model=2560, n_layer=64, vocab_size=50280, d_inner=5120, d_state=16, d_conv=4,
+                       dt_rank=160)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(hf_dirs, tmp_path_factory):
+    _, d = hf_dirs("mamba")
+    return compile_artifact(load_checkpoint(d), tmp_path_factory.mktemp("dev") / "tiny.em")
+
+
+def _param_counts(spec):
+    """(matrix parameters incl. the tied embedding, other parameters), counted by hand from the shapes."""
+    d, e, n, r, L = spec.d_model, spec.d_inner, spec.d_state, spec.dt_rank, spec.n_layer
+    matrices = L * (2 * e * d + (r + 2 * n) * e + e * r + d * e) + spec.vocab_size * d
+    return matrices, spec.n_params - matrices
+
+
+def test_2p8b_fp16_refused_on_orin_nano_with_the_numbers_and_fits_in_int4():
+    nano = get_profile("orin-nano-8gb")
+    matrices, small = _param_counts(MAMBA_2P8B)
+    assert 2.7e9 < MAMBA_2P8B.n_params < 2.8e9
+    fit = check_fit(MAMBA_2P8B, nano, "tensorrt", "fp16")
+    assert fit.weight_bytes == 2 * matrices + 4 * small  # fp16 matrices, float32 norms/conv/A/D
+    assert fit.state_bytes == 64 * (5120 * 3 + 5120 * 16) * 4  # conv (d_inner, 3) + ssm (d_inner, 16), fp32
+    assert fit.usable_bytes == 5.5 * GiB
+    assert not fit.fits
+    assert fit.shortfall_bytes == fit.weight_bytes + fit.state_bytes + fit.workspace_bytes - fit.usable_bytes
+    msg = fit.message()
+    assert f"{fit.weight_bytes / GiB:.2f} GiB" in msg and "5.50 GiB is usable" in msg
+    assert f"{fit.shortfall_bytes / GiB:.2f} GiB short" in msg
+    assert "would fit: int8" in msg and "int4" in msg and "fp32" not in msg.split("short")[1]
+
+    int4 = check_fit(MAMBA_2P8B, nano, "tensorrt", "int4")
+    assert int4.fits
+    # int4: 4-bit codes with a float32 scale per 64 weights, ~4.5 bits per matrix weight (plus the
+    # padding of dt_proj's 160 inputs to three blocks)
+    assert int4.weight_bytes == pytest.approx(matrices * 4.5 / 8 + 4 * small, rel=0.01)
+    # the same model fp16 on the AGX Orin 64GB fits
+    assert check_fit(MAMBA_2P8B, get_profile("agx-orin-64gb"), "tensorrt", "fp16").fits
+
+
+@pytest.mark.parametrize("precision", TARGETS["ort-cpu"])
+def test_weight_estimate_matches_the_compiled_artifact(precision, hf_dirs, tmp_path):
+    """The fit check's per-precision bytes against the weight file the compiler really writes."""
+    _, d = hf_dirs("mamba-untied-bias")
+    art = compile_artifact(load_checkpoint(d), tmp_path / "a.em", "ort-cpu", precision)
+    real = art.manifest["files"]["weights.bin"]["bytes"]
+    assert weight_bytes(art.spec, precision) == pytest.approx(real, rel=0.02)
+
+
+def _synthetic(bandwidth: float, ops: float, usable: float = 4 * GiB) -> DeviceProfile:
+    def fig(v):
+        return Figure(v, "synthetic")
+
+    cpu = Processor(kind="cpu", name="synthetic", cores=4, memory=fig(8 * GiB), usable_memory=fig(usable),
+                    bandwidth=fig(bandwidth), bandwidth_efficiency=fig(1.0), peak_ops={"fp32": fig(ops)},
+                    compute_efficiency=fig(1.0))
+    return DeviceProfile("synthetic", "synthetic", cpu, None, targets=("ort-cpu",), precisions=("fp32", "int4"))
+
+
+def test_prediction_roofline_and_overhead_on_synthetic_profiles():
+    spec = dataclasses.replace(MAMBA_2P8B, n_layer=8)
+    work = workload(spec, "ort-cpu", "fp32")
+    slow, fast = (predict(work, _synthetic(bw, 1e15)) for bw in (10e9, 20e9))
+    assert slow.decode_bound == fast.decode_bound == "bandwidth"
+    # doubling the bandwidth halves the bandwidth term; the overhead term stays
+    assert fast.decode_memory_ms == pytest.approx(slow.decode_memory_ms / 2)
+    assert fast.decode_ms - fast.decode_overhead_ms == pytest.approx((slow.decode_ms - slow.decode_overhead_ms) / 2)
+    assert fast.decode_overhead_ms == slow.decode_overhead_ms > 0
+    # the bytes a step streams: every fp32 weight (the tied embedding is the head) and the state twice
+    assert work.step_bytes == 4 * spec.n_params + 2 * spec.state_bytes(1)
+    assert slow.decode_memory_ms == pytest.approx(1e3 * work.step_bytes / (10e9 * 0.6))  # × ort-cpu's efficiency
+
+    # compute-bound: more bandwidth changes nothing, more compute does
+    weak = predict(work, _synthetic(1e15, 1e9))
+    assert weak.decode_bound == "compute"
+    assert predict(work, _synthetic(2e15, 1e9)).decode_ms == pytest.approx(weak.decode_ms)
+    assert predict(work, _synthetic(1e15, 2e9)).decode_compute_ms == pytest.approx(weak.decode_compute_ms / 2)
+
+    # the overhead term: launches × per-launch cost + one call
+    more = workload(spec, "ort-cpu", "fp32", step_launches=work.step_launches + 1000)
+    extra = predict(more, _synthetic(10e9, 1e15)).decode_ms - slow.decode_ms
+    assert extra == pytest.approx(1000 * 2.5e-3)  # ort-cpu: 2.5 µs per node, in ms
+    # an untied model's embedding contributes one row per step, not the table
+    untied = dataclasses.replace(spec, tie_embeddings=False)
+    head = 4 * spec.vocab_size * spec.d_model
+    assert workload(untied, "ort-cpu", "fp32").step_bytes == pytest.approx(work.step_bytes + 4 * spec.d_model, abs=8)
+    assert weight_bytes(untied, "fp32") == weight_bytes(spec, "fp32") + head
+    # prefill: a bandwidth-starved device reads the weights once per chunk, so throughput scales with it
+    p1, p2 = (predict(work, _synthetic(bw, 1e15), prompt_len=512) for bw in (1e8, 2e8))
+    assert p2.prefill_tokens_per_s == pytest.approx(2 * p1.prefill_tokens_per_s, rel=0.05)
+
+
+def test_artifact_workload_uses_real_file_sizes_and_graph_nodes(tiny_artifact):
+    work = artifact_workload(tiny_artifact)
+    assert work.weight_bytes == (tiny_artifact.path / "weights.bin").stat().st_size
+    assert work.step_bytes == work.weight_bytes + 2 * tiny_artifact.spec.state_bytes(1)
+    import onnx
+
+    step = onnx.load(str(tiny_artifact.file("step")), load_external_data=False)
+    assert work.step_launches == sum(n.op_type != "Constant" for n in step.graph.node)
+    assert work.step_launches > 10 * tiny_artifact.spec.n_layer
+
+
+def test_every_profile_has_sourced_figures_and_the_issue_devices():
+    for name in ("orin-nano-8gb", "orin-nx-16gb", "agx-orin-64gb", "rpi5-8gb", "x86-laptop", "rtx-4090",
+                 "h100-sxm-80gb"):
+        p = PROFILES[name]
+        assert DeviceProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p  # JSON round trip
+        for proc in filter(None, (p.cpu, p.gpu)):
+            figures = [proc.memory, proc.usable_memory, proc.bandwidth, *proc.peak_ops.values()]
+            assert all(f.source and f.value > 0 for f in figures), name
+            assert proc.usable_memory.value < proc.memory.value, name
+        assert set(p.precisions) <= {"fp32", "fp16", "int8", "int4", "w8a8"}
+    with pytest.raises(EdgeMambaError, match="unknown device 'orin-nanoo'"):
+        get_profile("orin-nanoo")
+
+
+def test_cli_devices_probe_and_predict_beside_measurement(tiny_artifact, tmp_path):
+    import psutil
+
+    r = run_cli("devices")
+    assert r.returncode == 0 and "orin-nano-8gb" in r.stdout and "h100-sxm-80gb" in r.stdout
+    r = run_cli("devices", "rpi5-8gb")
+    assert r.returncode == 0 and "Raspberry Pi 5 product brief" in r.stdout and "estimate:" in r.stdout
+    r = run_cli("devices", "--probe", "--json")
+    assert r.returncode == 0, r.stderr
+    probed = json.loads(r.stdout)
+    assert probed["cpu"]["cores"] == psutil.cpu_count(logical=False)
+    assert probed["cpu"]["memory_bytes"]["value"] == psutil.virtual_memory().total
+    assert probed["cpu"]["bandwidth_bytes_per_s"]["value"] > 1e8
+    assert probed["cpu"]["bandwidth_bytes_per_s"]["source"].startswith("measured")
+    profile = tmp_path / "this.json"
+    profile.write_text(r.stdout)
+
+    r = run_cli("bench", tiny_artifact.path, "--predict", profile, "--tokens", 16, "--prompt-len", 32,
+                "--repeats", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    pred = out["prediction"]
+    assert out["decode_ms"]["p50"] > 0 and pred["decode_ms"] > 0 and pred["prefill_tokens_per_s"] > 0
+    assert pred["error_vs_measured"]["decode"] == pytest.approx(pred["decode_ms"] / out["decode_ms"]["p50"] - 1)
+
+    r = run_cli("bench", tiny_artifact.path, "--predict", "orin-nano-8gb", "--no-measure")
+    assert r.returncode == 0 and "predicted   decode" in r.stdout and "p50" not in r.stdout
+    assert_user_error(run_cli("bench", tiny_artifact.path, "--predict", "orin-nanoo", "--no-measure"),
+                      "unknown device 'orin-nanoo'")
+
+
+def test_compile_device_defaults_and_refusal(hf_dirs, tmp_path):
+    _, d = hf_dirs("mamba")
+    r = run_cli("compile", d, "--device", "x86-laptop", "-o", tmp_path / "ok.em")
+    assert r.returncode == 0, r.stderr
+    art = load_artifact(tmp_path / "ok.em")
+    assert (art.target, art.precision) == ("ort-cpu", "fp32")  # the laptop's first target and precision
+    assert "fits with" in r.stdout
+
+    # a device with room for the int4 model but not the fp32 one
+    spec = art.spec
+    need = {p: check_fit(spec, _synthetic(1e10, 1e11), "ort-cpu", p).total_bytes for p in ("fp32", "int4")}
+    small = _synthetic(1e10, 1e11, usable=(need["fp32"] + need["int4"]) / 2)
+    profile = tmp_path / "small.json"
+    profile.write_text(json.dumps(small.to_dict()))
+    r = run_cli("compile", d, "--device", profile, "--precision", "fp32", "-o", tmp_path / "no.em")
+    short = need["fp32"] - int(small.cpu.usable_memory.value)
+    assert_user_error(r, "in fp32 needs", f"{short / 2**20:.1f} MiB short", "would fit: int4")
+    assert not (tmp_path / "no.em").exists()
+
+
+def test_parse_contexts():
+    assert parse_contexts("64,1k,8k,64k") == [64, 1024, 8192, 65536]
+    assert parse_contexts(" 8k, 64 ,64") == [64, 8192]
+    with pytest.raises(EdgeMambaError, match="'1q'"):
+        parse_contexts("64,1q")
+
+
+def test_context_plot_is_a_png_of_the_json_points(tiny_artifact, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    png = tmp_path / "ctx.png"
+    r = run_cli("bench", tiny_artifact.path, "--contexts", "16,64,256", "--tokens", 16, "--plot", png, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "ctx.json").read_text())
+    assert json.loads(r.stdout)["points"] == result["points"]
+    spec = tiny_artifact.spec
+    assert [p["context"] for p in result["points"]] == [16, 64, 256]
+    for p in result["points"]:
+        assert p["decode_ms_p50"] > 0 and p["rss_bytes"] > 0
+        assert p["state_bytes"] == spec.state_bytes(1) == tiny_artifact.manifest["state_bytes_per_sequence"]
+        # a Transformer of the same width and half the layers, fp32 K and V per position
+        assert p["transformer_kv_bytes"] == 2 * (spec.n_layer // 2) * spec.d_model * p["context"] * 4
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400 and im.size[1] > 300
+        im.load()
+
+    # the figure draws exactly the JSON's points: its lines hold them, and redrawing gives the same bytes
+    again = tmp_path / "again.png"
+    fig = plot_context(result, again)
+    latency, memory = fig.axes
+    assert list(latency.lines[0].get_xdata()) == [16, 64, 256]
+    assert list(latency.lines[0].get_ydata()) == [p["decode_ms_p50"] for p in result["points"]]
+    assert [y * 2**20 for y in memory.lines[2].get_ydata()] == pytest.approx(
+        [p["transformer_kv_bytes"] for p in result["points"]])
+    assert again.read_bytes() == png.read_bytes()
+    assert math.isfinite(result["points"][-1]["transformer_decode_ms_scaled"])
