@@ -180,23 +180,27 @@ def load_artifact(path: Path | str, verify: bool = True) -> Artifact:
             f"{mpath}: artifact format version {version!r} is newer than this edgemamba supports ({FORMAT_VERSION}); "
             "upgrade edgemamba"
         )
-    for key in ("spec", "target", "precision", "graphs", "files"):
-        if key not in manifest:
-            raise EdgeMambaError(f"{mpath}: field {key!r} is missing")
+    for key, kind in (("spec", dict), ("target", str), ("precision", str), ("graphs", dict), ("files", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise EdgeMambaError(f"{mpath}: field {key!r} is missing or not a {kind.__name__}")
     spec = ModelSpec.from_dict(manifest["spec"])
+    if manifest.get("spec_hash") != spec.spec_hash():  # the manifest's own spec, hand-edited or damaged
+        raise EdgeMambaError(f"{mpath}: the spec does not match its spec_hash (manifest edited or corrupted)")
     check_target(manifest["target"], manifest["precision"])
     files = manifest["files"]
     for name, info in files.items():
         f = path / name
-        if Path(name).name != name:
+        if Path(name).name != name or name in ("", ".", ".."):
             raise EdgeMambaError(f"{mpath}: file name {name!r} must not contain a path")
+        if not isinstance(info, dict):
+            raise EdgeMambaError(f"{mpath}: entry for file {name} is not an object")
         if not f.exists():
             raise EdgeMambaError(f"{path}: file {name} listed in the manifest is missing")
         if f.stat().st_size != info.get("bytes"):
             raise EdgeMambaError(f"{f}: size {f.stat().st_size} does not match the manifest ({info.get('bytes')})")
         if verify and sha256_file(f) != info.get("sha256"):
             raise EdgeMambaError(f"{f}: checksum does not match the manifest (file modified or corrupted)")
-    for key, name in manifest["graphs"].items():
-        if name not in files:
-            raise EdgeMambaError(f"{mpath}: graph {key} ({name}) is not among the listed files")
+    for key, name in [*manifest["graphs"].items(), ("tokenizer", manifest.get("tokenizer") or "")]:
+        if name and (not isinstance(name, str) or name not in files):  # only checksummed files are read
+            raise EdgeMambaError(f"{mpath}: {key} file {name!r} is not among the listed files")
     return Artifact(path, manifest, spec)
