@@ -115,8 +115,9 @@ def export(checkpoint, output, force):
 @click.option("--device", help="Device profile (`edgemamba devices`): picks defaults, refuses a model that does not fit.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--recipe", type=click.Path(), help="YAML recipe: per-layer overrides (block_size, keep, skip_layers, ...).")
+@click.option("--verify-text", type=click.Path(), help="Held-out text: print a short accuracy report after compiling.")
 @click.option("--force", is_flag=True, help="Replace the artifact if it exists.")
-def compile_cmd(checkpoint, target, precision, output, recipe, force, device):
+def compile_cmd(checkpoint, target, precision, output, recipe, verify_text, force, device):
     """Compile a checkpoint into a deployable artifact (manifest + graphs + weights + tokenizer).
 
     Precisions for ort-cpu: fp32, fp16 (16-bit weights, float32 islands and state), int8 and int4
@@ -152,10 +153,48 @@ def compile_cmd(checkpoint, target, precision, output, recipe, force, device):
                "plus runtime workspace")
     if fit_note:
         click.echo(f"  device          {fit_note}")
-    if precision == "fp32":
+    if verify_text:
+        from edgemamba.session import _load_tokenizer
+        from edgemamba.verify import read_ids, summary, verify_artifact
+
+        ids = read_ids(verify_text, _load_tokenizer(art.tokenizer_path), 256)
+        click.echo("  accuracy        " + summary(verify_artifact(art.path, checkpoint, ids, 32)))
+    elif precision == "fp32":
         click.echo("  accuracy        fp32: same numerics as the reference (checked by the test suite)")
     else:
         click.echo(f"  accuracy        run `edgemamba verify {output} --reference {checkpoint} --text FILE` to measure it")
+
+
+
+@main.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--reference", "reference", required=True, type=click.Path(), help="The checkpoint it was compiled from.")
+@click.option("--text", required=True, type=click.Path(), help="Held-out text (or a file of token ids).")
+@click.option("--tokens", default=512, show_default=True, type=click.IntRange(2, 1 << 20), help="Tokens to evaluate.")
+@click.option("--greedy-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--threads", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def verify(artifact, reference, text, tokens, greedy_tokens, threads, as_json):
+    """Measure an artifact's accuracy against the float32 reference of its checkpoint.
+
+    Teacher-forced over --tokens tokens: top-1 agreement, mean KL, max abs logit error, perplexity
+    of both, state error after N tokens, identical greedy continuation. Exits 1 when a figure is
+    past the threshold for the artifact's precision.
+
+    \b
+    Example:
+      edgemamba verify mamba-int8.em --reference ./mamba-130m-hf --text heldout.txt --tokens 1024
+    """
+    from edgemamba.session import _load_tokenizer
+    from edgemamba.artifact import load_artifact
+    from edgemamba.verify import read_ids, summary, verify_artifact
+
+    art = load_artifact(artifact)
+    ids = read_ids(text, _load_tokenizer(art.tokenizer_path), tokens)
+    report = verify_artifact(art.path, reference, ids, greedy_tokens, threads)
+    click.echo(json.dumps(report, indent=2) if as_json else summary(report))
+    if not report["passed"]:
+        sys.exit(1)
 
 
 def _prompt_ids(session, prompt, prompt_ids):

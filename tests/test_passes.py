@@ -1,0 +1,134 @@
+"""Precision passes: each is run on small random models and checked against an independent
+NumPy reference computed with the same rounded weights (so the check is exact about what the
+pass claims), with node counts asserted."""
+
+import copy
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import assert_logits_close, build_hf_model, random_ids
+
+from edgemamba import EdgeMambaError, Session, load_checkpoint
+from edgemamba.artifact import compile_artifact
+from edgemamba.export import build_graphs
+from edgemamba.passes.base import count_ops
+from edgemamba.passes.pipelines import Recipe, build_pipeline
+from edgemamba.passes.quantize import pack_nbits, unpack_nbits
+from edgemamba.reference import Reference
+
+KINDS = ["mamba-untied-bias", "mamba2-g2-tied", "falcon"]
+
+
+def rounded_checkpoint(ck, round_matrix):
+    """A copy of the checkpoint whose projection/head/embedding weights went through `round_matrix`
+    (W (out, in) -> W'), i.e. the weights the quantized graph actually holds."""
+    out = copy.copy(ck)
+    out.weights = dict(ck.weights)
+    for name, w in ck.weights.items():
+        if name.split(".")[-1] in ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head", "embedding"):
+            out.weights[name] = round_matrix(w)
+    return out
+
+
+def nbits_roundtrip(bits, block):
+    def f(w):  # w (out, in); MatMulNBits quantizes along K = in
+        b, s = pack_nbits(w.T, bits, block)
+        return unpack_nbits(b, s, bits, w.shape[1]).T
+    return f
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bits,block", [(8, 32), (4, 32), (4, 16)])
+def test_weight_only_quantization_is_exactly_the_rounded_model(kind, bits, block, tmp_path, hf_dirs):
+    # accuracy_level 0: float32 activations, so the graph must equal the reference run with the
+    # same de-quantized weights, to float32 precision.
+    ck = load_checkpoint(hf_dirs(kind)[1])
+    recipe = Recipe(block_size=block, accuracy_level=0)
+    art = compile_artifact(ck, tmp_path / "q.em", precision=f"int{bits}", recipe=recipe)
+    ids = random_ids((40,), seed=2)
+    expected, _ = Reference(rounded_checkpoint(ck, nbits_roundtrip(bits, block))).forward(ids[None])
+    assert_logits_close(Session(art).score(ids), expected[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_compute_path_stays_close(kind, tmp_path, hf_dirs):
+    # accuracy_level 4 (the default): activations are quantized per block inside ORT's kernel;
+    # the result must stay within 2% of the logit scale of the weight-rounded reference.
+    ck = load_checkpoint(hf_dirs(kind)[1])
+    art = compile_artifact(ck, tmp_path / "q.em", precision="int8", recipe=Recipe(block_size=32))
+    ids = random_ids((40,), seed=4)
+    expected, _ = Reference(rounded_checkpoint(ck, nbits_roundtrip(8, 32))).forward(ids[None])
+    assert_logits_close(Session(art).score(ids), expected[0], rel=2e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp16_weights_keep_float32_islands(kind, tmp_path, hf_dirs):
+    ck = load_checkpoint(hf_dirs(kind)[1])
+    art = compile_artifact(ck, tmp_path / "h.em", precision="fp16")
+    ids = random_ids((40,), seed=5)
+    half = rounded_checkpoint(ck, lambda w: w.astype(np.float16).astype(np.float32))
+    expected, _ = Reference(half).forward(ids[None])
+    # activations are also rounded to fp16 at the MatMul inputs: 16-bit level error
+    assert_logits_close(Session(art).score(ids), expected[0], rel=5e-3)
+    # the state interface is unchanged (float32) and A, D, norms stay float32
+    m = ir.load(art.file("step"))
+    dtypes = {n: v.const_value.dtype for n, v in m.graph.initializers.items()}
+    assert all(dt == ir.DataType.FLOAT for n, dt in dtypes.items() if n.endswith((".A", ".D", "norm", "norm_f")))
+    assert all(v.dtype == ir.DataType.FLOAT for v in m.graph.outputs)
+
+
+@pytest.mark.parametrize("kind,per_layer", [("mamba-untied-bias", 4), ("mamba2-g2-tied", 2)])
+def test_quantization_node_counts(kind, per_layer, hf_dirs):
+    ck = load_checkpoint(hf_dirs(kind)[1])
+    n = ck.spec.n_layer
+    for recipe, expected_nbits, expected_gemm in [
+        (Recipe(), per_layer * n + 1, 0),  # every projection + LM head
+        (Recipe(keep=("lm_head",)), per_layer * n, 1),  # head kept in float32
+        (Recipe(skip_layers=(0,)), per_layer * (n - 1) + 1, 0),
+    ]:
+        models = build_graphs(ck)
+        run, _ = build_pipeline("ort-cpu", "int8", recipe)
+        run(models)
+        for model in models.values():
+            assert count_ops(model, "MatMulNBits", "com.microsoft") == expected_nbits
+            assert count_ops(model, "Gemm") == expected_gemm
+            weight_matmuls = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer()]
+            assert len(weight_matmuls) == (per_layer if recipe.skip_layers else 0)
+            # the embedding is gathered from packed rows: no float table left
+            assert "embedding" not in model.graph.initializers or recipe.keep
+
+
+def test_tied_head_and_embedding_share_one_packed_table(hf_dirs):
+    ck = load_checkpoint(hf_dirs("mamba2-g2-tied")[1])
+    models = build_graphs(ck)
+    run, _ = build_pipeline("ort-cpu", "int4", Recipe())
+    run(models)
+    packed = [n for n in models["step"].graph.initializers if n.startswith("embedding.q")]
+    assert packed == ["embedding.q4b64", "embedding.q4b64.scales", "embedding.q4b64.scales.rows"]
+
+
+def test_artifact_sizes_shrink(tmp_path):
+    model = build_hf_model("mamba", hidden_size=256, num_hidden_layers=2)
+    model.resize_token_embeddings(4096)
+    ck = load_checkpoint(model)
+    size = {p: sum(f["bytes"] for f in compile_artifact(ck, tmp_path / p, precision=p).manifest["files"].values())
+            for p in ("fp32", "fp16", "int8", "int4")}
+    assert size["fp16"] <= 0.52 * size["fp32"]
+    assert size["int8"] <= 0.3 * size["fp32"]
+    assert size["int4"] <= 0.2 * size["fp32"]
+
+
+def test_unsupported_precision_and_bad_recipe_are_refused(tmp_path, hf_dirs):
+    ck = load_checkpoint(hf_dirs("mamba")[1])
+    with pytest.raises(EdgeMambaError, match="precision 'int3' is not available for target 'ort-cpu'; available: fp32"):
+        compile_artifact(ck, tmp_path / "x.em", precision="int3")
+    with pytest.raises(EdgeMambaError, match="unknown target 'gpu9000'"):
+        compile_artifact(ck, tmp_path / "x.em", target="gpu9000")
+    (tmp_path / "r.yaml").write_text("keep: [lm_head, attention]\n")
+    with pytest.raises(EdgeMambaError, match=r"unknown weight kind\(s\) \['attention'\]"):
+        Recipe.load(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text("block_size: big\n")
+    with pytest.raises(EdgeMambaError, match="block_size must be a int"):
+        Recipe.load(tmp_path / "r.yaml")
+    assert not (tmp_path / "x.em").exists()
