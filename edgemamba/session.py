@@ -11,6 +11,7 @@ loaded later (resume a conversation with no prefill).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from edgemamba.errors import EdgeMambaError
 from edgemamba.sampling import Sampler, SamplingParams
 
 STATE_FORMAT = "edgemamba-state"
-STATE_VERSION = "1"
+STATE_VERSION = "2"  # 2: the metadata carries a checksum of the tensors and the position
 
 
 class Session:
@@ -39,21 +40,35 @@ class Session:
 
         self.backend = backend_for(self.artifact)(self.artifact, batch, threads)
         self.positions = [0] * batch  # tokens seen by each sequence
-        self.tokenizer = _load_tokenizer(self.artifact.tokenizer_path)
+        self.tokenizer = _load_tokenizer(self.artifact.tokenizer_path, self.spec.vocab_size)
         eos = self.spec.eos_token_id
         self.default_stop = () if eos is None else (eos,)
         self._lock = threading.Lock()
+        self._streaming_in: int | None = None  # thread id of an unfinished generate(), whose steps it owns
         self._last_logits: np.ndarray | None = None  # batch-1 generate: logits after the last token
 
     @contextmanager
     def _exclusive(self):
         # A Session's buffers are not shareable; concurrent use is refused, never silently mixed.
-        if not self._lock.acquire(blocking=False):
+        # Steps from another thread are refused too while a generate() is unfinished: they would
+        # slip between its tokens and change its state.
+        owner = self._streaming_in
+        if (owner is not None and owner != threading.get_ident()) or not self._lock.acquire(blocking=False):
             raise EdgeMambaError("this Session is in use by another thread; give each thread its own Session")
         try:
             yield
         finally:
             self._lock.release()
+
+    @contextmanager
+    def _owned(self):
+        """Claim the session for this thread across several calls (a generate, a batch)."""
+        with self._exclusive():
+            previous, self._streaming_in = self._streaming_in, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._streaming_in = previous
 
     # ---- tokens -------------------------------------------------------------------------------
     def _check_ids(self, ids) -> np.ndarray:
@@ -82,9 +97,10 @@ class Session:
     def reset(self, seq: int | None = None) -> None:
         """Zero one sequence's state (or all)."""
         rows = range(self.batch) if seq is None else [self._check_seq(seq)]
-        for r in rows:
-            self.backend.reset(slice(r, r + 1))
-            self.positions[r] = 0
+        with self._exclusive():
+            for r in rows:
+                self.backend.reset(slice(r, r + 1))
+                self.positions[r] = 0
 
     def prefill(self, ids: Sequence[int], seq: int = 0) -> np.ndarray:
         """Feed tokens into a sequence's state, in chunks; returns the logits after the last one (vocab,)."""
@@ -120,26 +136,27 @@ class Session:
             raise EdgeMambaError(f"max_new_tokens must be between 0 and 2^40, got {max_new_tokens}")
         sampler = Sampler(sampling or SamplingParams())
         stop = set(self.default_stop if stop is None else stop)
-        if prompt is not None:
-            logits = self.prefill(prompt, seq)
-        elif self._last_logits is not None:
-            logits = self._last_logits
-        else:
-            raise EdgeMambaError("no prompt and no restored state to continue from")
-        # Invariant when the generator ends, however it ends: the state holds every yielded token
-        # and _last_logits follow the last one, so a later generate(None) continues exactly.
-        pending = None
-        try:
-            for _ in range(max_new_tokens):
-                token = pending = sampler(logits)
-                yield token
-                logits, pending = self.step([token])[0], None
-                if token in stop:
-                    return
-        finally:
-            if pending is not None:
-                logits = self.step([pending])[0]
-            self._last_logits = logits.copy()
+        with self._owned():  # until the generator ends: other threads' calls are refused
+            if prompt is not None:
+                logits = self.prefill(prompt, seq)
+            elif self._last_logits is not None:
+                logits = self._last_logits
+            else:
+                raise EdgeMambaError("no prompt and no restored state to continue from")
+            # Invariant when the generator ends, however it ends: the state holds every yielded token
+            # and _last_logits follow the last one, so a later generate(None) continues exactly.
+            pending = None
+            try:
+                for _ in range(max_new_tokens):
+                    token = pending = sampler(logits)
+                    yield token
+                    logits, pending = self.step([token])[0], None
+                    if token in stop:
+                        return
+            finally:
+                if pending is not None:
+                    logits = self.step([pending])[0]
+                self._last_logits = logits.copy()
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                        sampling: SamplingParams | None = None, stop: Sequence[int] | None = None) -> list[list[int]]:
@@ -151,20 +168,21 @@ class Session:
                                            None if params.seed is None else params.seed + i))
                     for i in range(self.batch)]
         stop = set(self.default_stop if stop is None else stop)
-        self.reset()
-        last = [self.prefill(p, seq=i) for i, p in enumerate(prompts)]
-        outs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * self.batch
-        for _ in range(max_new_tokens):
-            tokens = [samplers[i](last[i]) if not done[i] else 0 for i in range(self.batch)]
-            for i, t in enumerate(tokens):
-                if not done[i]:
-                    outs[i].append(t)
-                    done[i] = t in stop
-            if all(done):
-                break
-            logits = self.step(tokens)
-            last = [logits[i].copy() for i in range(self.batch)]
+        with self._owned():
+            self.reset()
+            last = [self.prefill(p, seq=i) for i, p in enumerate(prompts)]
+            outs: list[list[int]] = [[] for _ in prompts]
+            done = [False] * self.batch
+            for _ in range(max_new_tokens):
+                tokens = [samplers[i](last[i]) if not done[i] else 0 for i in range(self.batch)]
+                for i, t in enumerate(tokens):
+                    if not done[i]:
+                        outs[i].append(t)
+                        done[i] = t in stop
+                if all(done):
+                    break
+                logits = self.step(tokens)
+                last = [logits[i].copy() for i in range(self.batch)]
         return outs
 
     def stream_text(self, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
@@ -203,13 +221,17 @@ class Session:
         for k, v in state.items():
             if v.shape != live[k].shape[1:]:
                 raise EdgeMambaError(f"state tensor {k} has shape {v.shape}, expected {live[k].shape[1:]}")
-        for k, v in state.items():
-            live[k][seq] = v
-        self.positions[seq] = position
-        self._last_logits = None
+            if not np.all(np.isfinite(v)):
+                raise EdgeMambaError(f"state tensor {k} contains NaN or infinity")
+        with self._exclusive():
+            for k, v in state.items():
+                live[k][seq] = v
+            self.positions[seq] = position
+            self._last_logits = None
 
     def save_state(self, path: str | Path, seq: int = 0, last_logits: np.ndarray | None = None) -> None:
-        """Write one sequence's state to a safetensors file tagged with the model's spec hash."""
+        """Write one sequence's state to a safetensors file tagged with the model's spec hash and
+        a checksum, written atomically (a failed write leaves no file and no temporary)."""
         from safetensors.numpy import save
 
         tensors = self.get_state(seq)
@@ -219,21 +241,30 @@ class Session:
             tensors["last_logits"] = np.asarray(last_logits, np.float32)
         meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "spec_hash": self.spec.spec_hash(),
                 "position": str(self.positions[seq])}
+        meta["sha256"] = _state_checksum(meta, tensors)
         atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
     def load_state(self, path: str | Path, seq: int = 0) -> None:
         from safetensors import safe_open
 
         path = Path(path)
+        live = self.backend.state
+        expected = {k: v.shape[1:] for k, v in live.items()} | {"last_logits": (self.spec.vocab_size,)}
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != STATE_FORMAT:
                     raise EdgeMambaError(f"{path}: not an edgemamba state file")
+                if meta.get("version") != STATE_VERSION:
+                    raise EdgeMambaError(f"{path}: state file version {meta.get('version')!r} is not supported "
+                                         f"(this edgemamba reads {STATE_VERSION})")
                 if meta.get("spec_hash") != self.spec.spec_hash():
                     raise EdgeMambaError(
                         f"{path}: state is from another model (spec {meta.get('spec_hash')}, "
                         f"this artifact is {self.spec.spec_hash()})")
+                for k in f.keys():  # names and shapes from the header, before any tensor is read
+                    if k not in expected or tuple(f.get_slice(k).get_shape()) != expected[k]:
+                        raise EdgeMambaError(f"{path}: tensor {k!r} does not belong to this model's state")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except EdgeMambaError:
             raise
@@ -241,19 +272,42 @@ class Session:
             raise EdgeMambaError(f"{path}: no such state file") from None
         except Exception as e:  # safetensors' own errors for truncated or corrupted files
             raise EdgeMambaError(f"{path}: not a readable state file ({str(e).splitlines()[0][:200]})") from None
+        if meta.get("sha256") != _state_checksum(meta, tensors):
+            raise EdgeMambaError(f"{path}: checksum does not match (state file damaged or edited)")
+        position = meta.get("position", "")
+        if not position.isdigit():
+            raise EdgeMambaError(f"{path}: invalid position {position!r}")
         last = tensors.pop("last_logits", None)
-        self.set_state(tensors, seq, int(meta.get("position", 0)))
-        self._last_logits = last
+        if last is not None and not np.all(np.isfinite(last)):
+            raise EdgeMambaError(f"{path}: last_logits contain NaN or infinity")
+        self.set_state(tensors, seq, int(position))
+        self._last_logits = None if last is None else last.astype(np.float32)
 
 
-def _load_tokenizer(path: Path | None):
+def _state_checksum(meta: dict[str, str], tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the metadata that matters and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for key in ("format", "version", "spec_hash", "position"):
+        h.update(f"{key}={meta.get(key)}\n".encode())
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{t.dtype.str}:{t.shape}\n".encode())
+        h.update(t.tobytes())
+    return h.hexdigest()
+
+
+def _load_tokenizer(path: Path | None, vocab_size: int):
+    """The artifact's tokenizer, refused if it could produce ids the model has no row for."""
     if path is None:
         return None
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise EdgeMambaError(f"{path}: not a readable tokenizer ({str(e)[:200]})") from None
-
-
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own exception type for any bad file
+        raise EdgeMambaError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise EdgeMambaError(f"{path}: the tokenizer has {n} tokens but the model's vocabulary has {vocab_size} rows "
+                             "(tokenizer from another model?)")
+    return tokenizer
