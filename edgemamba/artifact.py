@@ -45,44 +45,53 @@ def sha256_file(path: Path) -> str:
 
 @contextmanager
 def atomic_dir(dest: Path, force: bool = False):
-    """Yield a temporary directory that becomes `dest` only if the block succeeds."""
+    """Yield a temporary directory that becomes `dest` only if the block succeeds. On any failure
+    the temporary is removed and a replaced `dest` (with force) is left as it was."""
     dest = Path(dest)
     if dest.exists() and not force:
         raise EdgeMambaError(f"{dest}: already exists (use --force to replace it)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
-        raise EdgeMambaError(f"{dest.parent}: cannot write here ({e.strerror})") from None
+        raise EdgeMambaError(f"{dest.parent}: cannot write here ({e.strerror or e})") from None
     try:
         yield tmp
         if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                os.replace(old / dest.name, dest)  # put the previous artifact back
+                old.rmdir()
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EdgeMambaError(f"{dest}: write failed ({e.strerror}); nothing was written") from None
+        raise EdgeMambaError(f"{dest}: write failed ({e.strerror or e}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: a unique temporary beside it, fsync, rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = None
     try:
-        with open(tmp, "wb") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise EdgeMambaError(f"{path}: write failed ({e.strerror}); nothing was written") from None
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise EdgeMambaError(f"{path}: write failed ({e.strerror or e}); nothing was written") from None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,10 @@ class _TorchStateDict(_Tensors):
             try:
                 # weights_only: never execute code from a checkpoint.
                 part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:  # torch's advice (weights_only=False) is exactly what we refuse
+                raise EdgeMambaError(
+                    f"{f}: refused: the file holds Python objects other than tensors, and unpickling them could run "
+                    "code; convert a trusted copy to safetensors") from None
             except Exception as e:
                 raise EdgeMambaError(f"{f}: not a readable PyTorch weights file ({_short(e)})") from None
             if not isinstance(part, dict):
@@ -448,6 +453,7 @@ def _collect(spec: ModelSpec, tensors: _Tensors, dtype=np.float32) -> dict[str, 
                 f"{tensors.where}: tensor {source_of[canon]!r} has shape {tuple(tensors.shape(source_of[canon]))}, "
                 f"expected {shape}"
             )
+    _check_fits_in_memory(spec, tensors.where)
     weights = {}
     for canon, shape in expected.items():
         w = tensors.read(source_of[canon]).reshape(shape).astype(dtype, copy=False)
@@ -455,6 +461,17 @@ def _collect(spec: ModelSpec, tensors: _Tensors, dtype=np.float32) -> dict[str, 
             raise EdgeMambaError(f"{tensors.where}: tensor {source_of[canon]!r} contains NaN or infinity")
         weights[canon] = w
     return weights
+
+
+def _check_fits_in_memory(spec: ModelSpec, where: str) -> None:
+    """Refuse before reading what cannot be held: a header (or a sparse file) may declare terabytes."""
+    import psutil
+
+    need = spec.weight_bytes(4)  # the canonical weights are float32
+    have = psutil.virtual_memory().total + psutil.swap_memory().total
+    if need > have:
+        raise EdgeMambaError(f"{where}: the weights need {need / 2**30:.1f} GiB as float32, more than this machine's "
+                             f"memory ({have / 2**30:.1f} GiB)")
 
 
 def _bytes_by_dtype(tensors: _Tensors) -> dict[str, int]:
