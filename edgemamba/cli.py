@@ -163,7 +163,7 @@ def compile_cmd(checkpoint, target, precision, output, recipe, verify_text, forc
         from edgemamba.session import _load_tokenizer
         from edgemamba.verify import read_ids, summary, verify_artifact
 
-        ids = read_ids(verify_text, _load_tokenizer(art.tokenizer_path), 256)
+        ids = read_ids(verify_text, _load_tokenizer(art.tokenizer_path, art.spec.vocab_size), 256)
         click.echo("  accuracy        " + summary(verify_artifact(art.path, checkpoint, ids, 32)))
     elif precision == "fp32":
         click.echo("  accuracy        fp32: same numerics as the reference (checked by the test suite)")
@@ -196,7 +196,7 @@ def verify(artifact, reference, text, tokens, greedy_tokens, threads, as_json):
     from edgemamba.verify import read_ids, summary, verify_artifact
 
     art = load_artifact(artifact)
-    ids = read_ids(text, _load_tokenizer(art.tokenizer_path), tokens)
+    ids = read_ids(text, _load_tokenizer(art.tokenizer_path, art.spec.vocab_size), tokens)
     report = verify_artifact(art.path, reference, ids, greedy_tokens, threads)
     click.echo(json.dumps(report, indent=2) if as_json else summary(report))
     if not report["passed"]:

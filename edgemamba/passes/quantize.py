@@ -23,17 +23,38 @@ MS_DOMAIN = "com.microsoft"
 QUANTIZABLE = ("in_proj", "x_proj", "dt_proj", "out_proj", "lm_head")
 
 
-def pack_nbits(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """W (K, N) float -> (B uint8 (N, n_blocks, block_size·bits/8), scales float32 (N, n_blocks))."""
+def pack_nbits(w: np.ndarray, bits: int, block_size: int, clip_search: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """W (K, N) float -> (B uint8 (N, n_blocks, block_size·bits/8), scales float32 (N, n_blocks)).
+
+    With clip_search, each block's scale is the absmax scale shrunk by the factor (from a small
+    grid) that minimises the block's squared rounding error: clipping a rare outlier buys finer
+    steps for every other weight. The plain absmax scale is one of the candidates, so the error
+    never grows.
+    """
     k, n = w.shape
     n_blocks = -(-k // block_size)
     padded = np.zeros((n_blocks * block_size, n), np.float32)
     padded[:k] = w
     blocks = padded.T.reshape(n, n_blocks, block_size)  # (N, n_blocks, block_size)
     qmax = 2 ** (bits - 1) - 1
-    scales = np.abs(blocks).max(axis=-1) / qmax
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax).astype(np.int16) + 2 ** (bits - 1)
+    absmax = np.abs(blocks).max(axis=-1)  # (N, n_blocks)
+    absmax[absmax == 0] = 1.0
+
+    def quantize(scales):
+        return np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax)
+
+    scales = absmax / qmax
+    if clip_search:
+        best_err = np.full(absmax.shape, np.inf, np.float32)
+        best = scales
+        for ratio in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+            cand = absmax * ratio / qmax
+            err = np.square(quantize(cand) * cand[..., None] - blocks).sum(axis=-1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, cand, best)
+        scales = best
+    q = quantize(scales).astype(np.int16) + 2 ** (bits - 1)
     if bits == 4:
         q = q[..., 0::2] | (q[..., 1::2] << 4)
     return q.astype(np.uint8), scales.astype(np.float32)

@@ -22,9 +22,14 @@ from edgemamba.errors import EdgeMambaError
 from edgemamba.export import GRAPHS, WEIGHTS_FILE
 
 
-# ONNX Runtime's own exception types (none derives from a common base other than Exception).
+# ONNX Runtime's own exception types (none derives from a common base other than Exception), and
+# UnicodeDecodeError: raised instead when ORT's message quotes invalid UTF-8 from a damaged graph.
 _ORT_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
-               ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException, ort_errors.EPFail)
+               ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException, ort_errors.EPFail,
+               UnicodeDecodeError)
+
+
+_PACKED_OPS = {"MatMulNBits", "QuantizeLinear", "DynamicQuantizeLinear"}
 
 
 def _load_graph(path: Path, interface: dict[str, tuple[int, tuple]]) -> onnx.ModelProto:
@@ -62,17 +67,17 @@ def _shared_weights(graph_path: Path, model: onnx.ModelProto, weights: np.ndarra
         info = {e.key: e.value for e in init.external_data}
         # Only weights.bin, which the manifest checksums: never a path of the graph's choosing.
         if info.get("location") != WEIGHTS_FILE:
-            raise EdgeMambaError(f"{graph_path}: initializer {init.name} points outside {WEIGHTS_FILE}")
+            raise EdgeMambaError(f"{graph_path}: initializer {init.name!r} points outside {WEIGHTS_FILE}")
         if init.name not in cache:
             try:
                 offset, length = int(info["offset"]), int(info["length"])
                 dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
             except (KeyError, ValueError, TypeError):
-                raise EdgeMambaError(f"{graph_path}: initializer {init.name} has a malformed data location") from None
+                raise EdgeMambaError(f"{graph_path}: initializer {init.name!r} has a malformed data location") from None
             dims = tuple(init.dims)
             if (offset < 0 or offset + length > weights.size or any(d < 0 for d in dims)
                     or length != dtype.itemsize * int(np.prod(dims, dtype=object))):
-                raise EdgeMambaError(f"{graph_path}: initializer {init.name} does not fit {WEIGHTS_FILE}")
+                raise EdgeMambaError(f"{graph_path}: initializer {init.name!r} does not fit {WEIGHTS_FILE}")
             arr = weights[offset : offset + length].view(dtype).reshape(dims)
             cache[init.name] = ort.OrtValue.ortvalue_from_numpy(arr)
         out[init.name] = cache[init.name]
@@ -88,7 +93,7 @@ class OrtBackend:
         files = artifact.manifest["files"]
         for name in (WEIGHTS_FILE, *(artifact.manifest["graphs"].get(k) for k in GRAPHS)):
             if name not in files:  # every file we read must be one the manifest checksums
-                raise EdgeMambaError(f"{artifact.path}: the manifest lists no {name or 'graph for ' + ', '.join(GRAPHS)}")
+                raise EdgeMambaError(f"{artifact.path}: the manifest lists no {name or 'graph for ' + ', '.join(GRAPHS)!r}")
         try:
             self._weights = np.memmap(artifact.path / WEIGHTS_FILE, dtype=np.uint8, mode="c")
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
@@ -101,7 +106,11 @@ class OrtBackend:
             so.intra_op_num_threads = threads or _physical_cores()
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.add_session_config_entry("session.disable_prepacking", "1")
+            # Prepacking copies weights per session (step and prefill would hold two copies), but
+            # the integer kernels (MatMulNBits, QDQ MatMulIntegerToFloat) are 15-25x slower without
+            # it: share float weights unpacked, let ORT pack quantized ones.
+            quantized = any(n.op_type in _PACKED_OPS for n in graph.graph.node)
+            so.add_session_config_entry("session.disable_prepacking", "0" if quantized else "1")
             for name, value in _shared_weights(artifact.file(kind), graph, self._weights, self._weight_values).items():
                 so.add_initializer(name, value)
             try:
