@@ -127,16 +127,17 @@ def check_target(target: str, precision: str) -> None:
 
 
 def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", precision: str = "fp32",
-                     force: bool = False, recipe=None) -> Artifact:
+                     force: bool = False, recipe=None, calib_ids=None) -> Artifact:
     from edgemamba.export import GRAPHS, build_graphs, save_graphs, state_shapes
     from edgemamba.passes.pipelines import build_pipeline
 
     check_target(target, precision)
     spec = ckpt.spec
-    run_pipeline, pipeline = build_pipeline(target, precision, recipe)
+    run_pipeline, describe = build_pipeline(target, precision, recipe, calib_ids)
     with atomic_dir(dest, force) as tmp:
         models = build_graphs(ckpt)
-        pipeline["modified"] = run_pipeline(models)
+        modified = run_pipeline(models)
+        pipeline = {**describe(), "modified": modified}
         files = save_graphs(models, tmp)
         tokenizer = None
         if ckpt.tokenizer_path is not None:
@@ -199,17 +200,18 @@ def load_artifact(path: Path | str, verify: bool = True) -> Artifact:
     files = manifest["files"]
     for name, info in files.items():
         f = path / name
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise EdgeMambaError(f"{mpath}: file name {name!r} must not contain a path")
+        if Path(name).name != name or name in ("", ".", "..") or not name.isprintable():
+            raise EdgeMambaError(f"{mpath}: file name {name!r} must be a plain name (no path, no control characters)")
         if not isinstance(info, dict):
-            raise EdgeMambaError(f"{mpath}: entry for file {name} is not an object")
+            raise EdgeMambaError(f"{mpath}: entry for file {name!r} is not an object")
         if not f.exists():
-            raise EdgeMambaError(f"{path}: file {name} listed in the manifest is missing")
+            raise EdgeMambaError(f"{path}: file {name!r} listed in the manifest is missing")
         if f.stat().st_size != info.get("bytes"):
             raise EdgeMambaError(f"{f}: size {f.stat().st_size} does not match the manifest ({info.get('bytes')})")
         if verify and sha256_file(f) != info.get("sha256"):
             raise EdgeMambaError(f"{f}: checksum does not match the manifest (file modified or corrupted)")
-    for key, name in [*manifest["graphs"].items(), ("tokenizer", manifest.get("tokenizer") or "")]:
-        if name and (not isinstance(name, str) or name not in files):  # only checksummed files are read
-            raise EdgeMambaError(f"{mpath}: {key} file {name!r} is not among the listed files")
+    tokenizer = manifest.get("tokenizer")
+    for key, name in [*manifest["graphs"].items(), *([] if tokenizer is None else [("tokenizer", tokenizer)])]:
+        if not isinstance(name, str) or name not in files:  # only checksummed files are read
+            raise EdgeMambaError(f"{mpath}: {key!r} file {name!r} is not among the listed files")
     return Artifact(path, manifest, spec)

@@ -176,7 +176,7 @@ class ModelSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise EdgeMambaError(f"invalid model spec: unknown field(s) {', '.join(unknown)}")
+            raise EdgeMambaError(f"invalid model spec: unknown field(s) {', '.join(map(repr, unknown))}")
         d = dict(d)
         if "dt_limit" in d:
             limit = d["dt_limit"]
