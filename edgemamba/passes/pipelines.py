@@ -16,6 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from edgemamba.errors import EdgeMambaError
 from edgemamba.passes.float16 import Float16Weights
 from edgemamba.passes.quantize import QUANTIZABLE, QuantizeEmbedding, QuantizeMatMulNBits, QuantOptions
+from edgemamba.passes.w8a8 import Calibrate, QuantizeQDQ, RotateOutProj
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Recipe:
     skip_layers: tuple[int, ...] = ()  # layers left in float32
     embedding: bool = True  # quantize the embedding table too
     head_bits: int = 0  # 0: same as the precision
+    ssm_input_percentile: float = 99.99  # w8a8: clipping of the SSM input's calibrated range
+    hadamard_block: int = 64  # w8a8: largest block of the out_proj-input rotation
 
     @classmethod
     def load(cls, path: str | Path | None) -> Recipe:
@@ -67,11 +70,19 @@ class Recipe:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
-def _quant(bits: int, default_block: int) -> Callable[[Recipe], list[ir.passes.PassBase]]:
-    def make(r: Recipe):
+@dataclass
+class Context:
+    """What passes may need besides the recipe: calibration tokens, and passes of earlier phases."""
+
+    calib_ids: object = None  # np.ndarray of token ids, or None
+    made: dict = field(default_factory=dict)
+
+
+def _quant(bits: int, default_block: int, default_head_bits: int = 0) -> Callable:
+    def make(r: Recipe, ctx: Context):
         options = QuantOptions(bits=bits, block_size=r.block_size or default_block, accuracy_level=r.accuracy_level,
                                kinds=r.quantize, skip_layers=r.skip_layers, embedding=r.embedding,
-                               head_bits=r.head_bits or None, keep=r.keep)
+                               head_bits=r.head_bits or default_head_bits or None, keep=r.keep)
         head = QuantizeMatMulNBits(options)
         return [head, QuantizeEmbedding(options, head)]
 
@@ -79,17 +90,34 @@ def _quant(bits: int, default_block: int) -> Callable[[Recipe], list[ir.passes.P
 
 
 def _fp(precision: str):
-    return lambda r: [Float16Weights(precision)]
+    return lambda r, ctx: [Float16Weights(precision)]
 
 
-def _cleanup(r: Recipe):
+def _cleanup(r: Recipe, ctx: Context):
     return [RemoveUnusedNodesPass()]
+
+
+def _rotate(r: Recipe, ctx: Context):
+    return [RotateOutProj(r.hadamard_block)]
+
+
+def _calibrate(r: Recipe, ctx: Context):
+    if ctx.calib_ids is None:
+        raise EdgeMambaError("precision w8a8 needs calibration data: --calib FILE (text or token ids)")
+    ctx.made["calibrate"] = Calibrate(ctx.calib_ids, None, r.ssm_input_percentile)
+    return [ctx.made["calibrate"]]
+
+
+def _quant_w8a8(r: Recipe, ctx: Context):
+    embedding = QuantOptions(bits=8, block_size=128, kinds=(), embedding=r.embedding)
+    return [QuantizeQDQ(ctx.made["calibrate"], tuple(k for k in r.quantize if k not in r.keep), r.skip_layers),
+            QuantizeEmbedding(embedding, QuantizeMatMulNBits(embedding))]
 
 
 @dataclass(frozen=True)
 class Phase:
     name: str
-    make: Callable[[Recipe], list]
+    make: Callable[[Recipe, Context], list]
 
 
 @dataclass(frozen=True)
@@ -101,8 +129,11 @@ class Pipeline:
 PIPELINES: dict[tuple[str, str], Pipeline] = {
     ("ort-cpu", "fp32"): Pipeline([Phase("cleanup", _cleanup)]),
     ("ort-cpu", "fp16"): Pipeline([Phase("precision", _fp("fp16")), Phase("cleanup", _cleanup)]),
-    ("ort-cpu", "int8"): Pipeline([Phase("quantize", _quant(8, 128)), Phase("cleanup", _cleanup)]),
-    ("ort-cpu", "int4"): Pipeline([Phase("quantize", _quant(4, 64)), Phase("cleanup", _cleanup)]),
+    # Defaults from measurement on the trained demo model (benchmarks/RESULTS.md, precision section).
+    ("ort-cpu", "int8"): Pipeline([Phase("quantize", _quant(8, 32)), Phase("cleanup", _cleanup)]),
+    ("ort-cpu", "int4"): Pipeline([Phase("quantize", _quant(4, 64, default_head_bits=8)), Phase("cleanup", _cleanup)]),
+    ("ort-cpu", "w8a8"): Pipeline([Phase("rotate", _rotate), Phase("calibrate", _calibrate),
+                                   Phase("quantize", _quant_w8a8), Phase("cleanup", _cleanup)]),
 }
 
 
@@ -110,21 +141,30 @@ def precisions_for(target: str) -> tuple[str, ...]:
     return tuple(p for t, p in PIPELINES if t == target)
 
 
-def build_pipeline(target: str, precision: str, recipe: Recipe | None = None):
-    """A callable on {kind: ir.Model} that runs every phase on every graph, and its description."""
+def build_pipeline(target: str, precision: str, recipe: Recipe | None = None, calib_ids=None):
+    """A callable on {kind: ir.Model} that runs every phase on every graph, and its description.
+    Passes of a phase are made when the phase starts, so they can use what earlier phases made."""
     pipeline = PIPELINES[(target, precision)]
     recipe = recipe or Recipe()
-    phases = [(ph.name, ph.make(recipe)) for ph in pipeline.phases]
+    ctx = Context(calib_ids)
+    if precision == "w8a8" and calib_ids is None:
+        _calibrate(recipe, ctx)  # refuse before any work
+    phases: list[tuple[str, list]] = []
 
     def run(models: dict[str, ir.Model]) -> dict[str, dict[str, bool]]:
         report: dict[str, dict[str, bool]] = {}
-        for name, passes in phases:
+        for phase in pipeline.phases:
+            passes = phase.make(recipe, ctx)
+            phases.append((phase.name, passes))
+            name = phase.name
             for p in passes:
                 for kind, model in models.items():
                     result = p(model)
                     report.setdefault(f"{name}/{type(p).__name__}", {})[kind] = result.modified
         return report
 
-    description = {"phases": [{"name": n, "passes": [type(p).__name__ for p in ps]} for n, ps in phases],
-                   "recipe": recipe.to_dict()}
-    return run, description
+    def describe() -> dict:
+        return {"phases": [{"name": n, "passes": [type(p).__name__ for p in ps]} for n, ps in phases],
+                "recipe": recipe.to_dict(), "calibration_tokens": None if calib_ids is None else int(len(calib_ids))}
+
+    return run, describe
