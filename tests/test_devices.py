@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 
 from edgemamba.artifact import TARGETS, compile_artifact, load_artifact
@@ -11,7 +12,7 @@ from edgemamba.checkpoint import load_checkpoint
 from edgemamba.devices.context import parse_contexts, plot_context
 from edgemamba.devices.fit import check_fit, weight_bytes
 from edgemamba.devices.predict import artifact_workload, predict, workload
-from edgemamba.devices.profiles import GiB, PROFILES, DeviceProfile, Figure, Processor, get_profile
+from edgemamba.devices.profiles import PROFILES, TARGET_COSTS, DeviceProfile, Figure, GiB, Processor, get_profile
 from edgemamba.errors import EdgeMambaError
 from edgemamba.spec import ModelSpec
 from test_cli import assert_user_error, run_cli
@@ -51,20 +52,23 @@ def test_2p8b_fp16_refused_on_orin_nano_with_the_numbers_and_fits_in_int4():
 
     int4 = check_fit(MAMBA_2P8B, nano, "tensorrt", "int4")
     assert int4.fits
-    # int4: 4-bit codes with a float32 scale per 64 weights, ~4.5 bits per matrix weight (plus the
-    # padding of dt_proj's 160 inputs to three blocks)
-    assert int4.weight_bytes == pytest.approx(matrices * 4.5 / 8 + 4 * small, rel=0.01)
+    # int4: 4-bit codes with a float32 scale per 64 weights, ~4.5 bits per layer weight (plus the
+    # padding of dt_proj's 160 inputs to three blocks); the tied table as int8, 8.5 bits
+    table = MAMBA_2P8B.vocab_size * MAMBA_2P8B.d_model
+    assert int4.weight_bytes == pytest.approx((matrices - table) * 4.5 / 8 + table * 8.5 / 8 + 4 * small, rel=0.01)
     # the same model fp16 on the AGX Orin 64GB fits
     assert check_fit(MAMBA_2P8B, get_profile("agx-orin-64gb"), "tensorrt", "fp16").fits
 
 
 @pytest.mark.parametrize("precision", TARGETS["ort-cpu"])
 def test_weight_estimate_matches_the_compiled_artifact(precision, hf_dirs, tmp_path):
-    """The fit check's per-precision bytes against the weight file the compiler really writes."""
+    """The fit check's per-precision bytes against the weight file the compiler really writes (on a
+    tiny model, where the fixed terms the estimate leaves out weigh most: alignment, w8a8's extras)."""
     _, d = hf_dirs("mamba-untied-bias")
-    art = compile_artifact(load_checkpoint(d), tmp_path / "a.em", "ort-cpu", precision)
+    art = compile_artifact(load_checkpoint(d), tmp_path / "a.em", "ort-cpu", precision,
+                           calib_ids=np.arange(64) % 96)  # w8a8 calibrates activations on these
     real = art.manifest["files"]["weights.bin"]["bytes"]
-    assert weight_bytes(art.spec, precision) == pytest.approx(real, rel=0.02)
+    assert weight_bytes(art.spec, precision) == pytest.approx(real, rel=0.08 if precision == "w8a8" else 0.02)
 
 
 def _synthetic(bandwidth: float, ops: float, usable: float = 4 * GiB) -> DeviceProfile:
@@ -79,6 +83,7 @@ def _synthetic(bandwidth: float, ops: float, usable: float = 4 * GiB) -> DeviceP
 
 def test_prediction_roofline_and_overhead_on_synthetic_profiles():
     spec = dataclasses.replace(MAMBA_2P8B, n_layer=8)
+    cost = TARGET_COSTS["ort-cpu"]
     work = workload(spec, "ort-cpu", "fp32")
     slow, fast = (predict(work, _synthetic(bw, 1e15)) for bw in (10e9, 20e9))
     assert slow.decode_bound == fast.decode_bound == "bandwidth"
@@ -87,8 +92,11 @@ def test_prediction_roofline_and_overhead_on_synthetic_profiles():
     assert fast.decode_ms - fast.decode_overhead_ms == pytest.approx((slow.decode_ms - slow.decode_overhead_ms) / 2)
     assert fast.decode_overhead_ms == slow.decode_overhead_ms > 0
     # the bytes a step streams: every fp32 weight (the tied embedding is the head) and the state twice
-    assert work.step_bytes == 4 * spec.n_params + 2 * spec.state_bytes(1)
-    assert slow.decode_memory_ms == pytest.approx(1e3 * work.step_bytes / (10e9 * 0.6))  # × ort-cpu's efficiency
+    head = 4 * spec.vocab_size * spec.d_model
+    assert work.step_bytes == 4 * spec.n_params + 2 * spec.state_bytes(1) and work.head_bytes == head
+    assert slow.decode_memory_ms == pytest.approx(
+        1e3 * ((work.step_bytes - head) / (10e9 * cost.weight_read_efficiency.value)
+               + head / (10e9 * cost.head_read_efficiency.value)))
 
     # compute-bound: more bandwidth changes nothing, more compute does
     weak = predict(work, _synthetic(1e15, 1e9))
@@ -96,14 +104,16 @@ def test_prediction_roofline_and_overhead_on_synthetic_profiles():
     assert predict(work, _synthetic(2e15, 1e9)).decode_ms == pytest.approx(weak.decode_ms)
     assert predict(work, _synthetic(1e15, 2e9)).decode_compute_ms == pytest.approx(weak.decode_compute_ms / 2)
 
-    # the overhead term: launches × per-launch cost + one call
+    # the overhead term: launches × per-launch cost + one call + the unfused state update
+    assert slow.decode_overhead_ms == pytest.approx(1e3 * (
+        work.step_launches * cost.launch_s.value + cost.call_s.value
+        + spec.n_layer * spec.d_inner * spec.d_state * cost.state_element_s.value))
     more = workload(spec, "ort-cpu", "fp32", step_launches=work.step_launches + 1000)
     extra = predict(more, _synthetic(10e9, 1e15)).decode_ms - slow.decode_ms
-    assert extra == pytest.approx(1000 * 2.5e-3)  # ort-cpu: 2.5 µs per node, in ms
+    assert extra == pytest.approx(1000 * cost.launch_s.value * 1e3)
     # an untied model's embedding contributes one row per step, not the table
     untied = dataclasses.replace(spec, tie_embeddings=False)
-    head = 4 * spec.vocab_size * spec.d_model
-    assert workload(untied, "ort-cpu", "fp32").step_bytes == pytest.approx(work.step_bytes + 4 * spec.d_model, abs=8)
+    assert workload(untied, "ort-cpu", "fp32").step_bytes == work.step_bytes + 4 * spec.d_model
     assert weight_bytes(untied, "fp32") == weight_bytes(spec, "fp32") + head
     # prefill: a bandwidth-starved device reads the weights once per chunk, so throughput scales with it
     p1, p2 = (predict(work, _synthetic(bw, 1e15), prompt_len=512) for bw in (1e8, 2e8))

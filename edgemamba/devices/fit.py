@@ -22,26 +22,48 @@ EMBEDDINGS = ("embedding", "lm_head")
 @dataclass(frozen=True)
 class Storage:
     """How one precision stores a weight matrix (out, in): `bits` per weight, in blocks of `group`
-    inputs (0: no blocks) with one `scale_bytes` scale each, the input axis padded to whole blocks."""
+    inputs (the input axis padded to whole blocks) with a `scale_bytes` scale each; group 0: one
+    scale per output row. `embedding` / `head`: how the gathered table and the head are stored, if
+    differently (a tied table stored two ways is stored twice); `float_kinds`: matrices kept in
+    float32; `rotation`: a float32 Hadamard block (the largest power of two dividing d_inner, at most
+    64) is stored too."""
 
     bits: int
     group: int = 0
     scale_bytes: int = 0
+    embedding: Storage | None = None
+    head: Storage | None = None
+    float_kinds: tuple[str, ...] = ()
+    rotation: bool = False
 
     def matrix_bytes(self, rows: int, cols: int) -> int:
         if self.group == 0:
-            return rows * cols * self.bits // 8
+            return rows * cols * self.bits // 8 + rows * self.scale_bytes
         return rows * math.ceil(cols / self.group) * (self.group * self.bits // 8 + self.scale_bytes)
 
+    def embedding_bytes(self, rows: int, cols: int) -> int:
+        return (self.embedding or self).matrix_bytes(rows, cols)
 
-# edgemamba's own formats (passes/pipelines.py): int8 and int4 are MatMulNBits blocks of 128 and
-# 64 with float32 scales, the embedding / tied head quantized the same way; W8A8 weights as int8.
+    def head_bytes(self, rows: int, cols: int) -> int:
+        return (self.head or self.embedding or self).matrix_bytes(rows, cols)
+
+    def tables_bytes(self, spec) -> int:
+        """The embedding and the head: one table when tied and stored one way."""
+        table = self.embedding_bytes(spec.vocab_size, spec.d_model)
+        head = self.head_bytes(spec.vocab_size, spec.d_model)
+        return table + head if (head != table or not spec.tie_embeddings) else table
+
+
+# Mirrors edgemamba's own formats (passes/pipelines.py; tests/test_devices.py checks the two agree):
+# int8 and int4 are MatMulNBits blocks of 32 and 64 with float32 scales, int4 keeps an int8 head;
+# W8A8 stores int8 weights with a float32 scale and an int8 zero point per output channel, keeps the
+# rotated out_proj in float32, and stores the head that way apart from an int8 gather table in blocks of 128.
 STORAGE: dict[str, Storage] = {
     "fp32": Storage(32),
     "fp16": Storage(16),
-    "int8": Storage(8, 128, 4),
-    "w8a8": Storage(8, 128, 4),
-    "int4": Storage(4, 64, 4),
+    "int8": Storage(8, 32, 4),
+    "int4": Storage(4, 64, 4, embedding=Storage(8, 64, 4)),
+    "w8a8": Storage(8, 0, 5, embedding=Storage(8, 128, 4), float_kinds=("out_proj",), rotation=True),
 }
 assert set(STORAGE) == set(PRECISIONS)
 
@@ -56,12 +78,13 @@ def storage(precision: str) -> Storage:
 def weight_bytes(spec: ModelSpec, precision: str) -> int:
     """Bytes of all weights stored at `precision` (scales included)."""
     st = storage(precision)
-    total = 0
+    block = min(64, spec.d_inner & -spec.d_inner)  # the largest power of two dividing d_inner
+    total = st.tables_bytes(spec) + (4 * block**2 if st.rotation else 0)
     for name, shape in spec.weight_shapes().items():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in MATRICES or leaf in EMBEDDINGS:
+        if leaf in MATRICES and leaf not in st.float_kinds:
             total += st.matrix_bytes(*shape)
-        else:
+        elif leaf not in EMBEDDINGS:
             total += 4 * math.prod(shape)
     return total
 

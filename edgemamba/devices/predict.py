@@ -2,15 +2,18 @@
 
 A roofline plus the target's overheads:
 
-    decode step   max(bytes / bandwidth, ops / peak) + launches · launch_s + call_s
-    prefill chunk max(weight bytes / bandwidth, T · ops / peak) + launches · launch_s + call_s
-                  + T · n_layer · scan_step_s          (a scan run as a loop of graph nodes)
+    decode step    max(body bytes / bw + head bytes / bw_head, ops / peak)
+                   + launches · launch_s + call_s + n_layer · state_elements · state_element_s
+    prefill chunk  max(weight bytes / bw, (T · token ops + head ops) / peak)
+                   + launches · launch_s + call_s + T · n_layer · (scan_step_s + state_elements · state_element_s)
 
-where bandwidth and peak are what the processor achieves (datasheet peak × efficiency, or a
-measurement from `edgemamba devices --probe`), and bytes are what one decode step streams: every
-weight once (the tied embedding is read whole as the head; an untied embedding only one row) and
-the state read and written. The workload comes from the ModelSpec at a precision, or from an
-artifact's real weight files and graph.
+bw and peak are what the processor achieves (datasheet peak × efficiency, or a measurement from
+`edgemamba devices --probe`) times the target's own efficiency; body bytes are what one decode step
+streams besides the head: every layer weight once and the state read and written; the head (the
+tied embedding, or lm_head) is read whole once per step, and an untied embedding only one row. The
+state_element terms are for targets that run the recurrence as separate elementwise nodes (ONNX
+Runtime); fused targets have them in the roofline. The workload comes from the ModelSpec at a
+precision, or from an artifact's real weight files and graphs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from edgemamba.devices.fit import storage, weight_bytes
+from edgemamba.devices.fit import MATRICES, storage, weight_bytes
 from edgemamba.devices.profiles import COMPUTE_DTYPE, DeviceProfile, target_cost
 from edgemamba.spec import ModelSpec
 
@@ -33,32 +36,30 @@ class Workload:
     target: str
     precision: str
     n_layer: int
+    state_elements: int  # per layer: d_inner · d_state (Mamba-2: n_heads · head_dim · d_state, the same)
     weight_bytes: int  # all weights as stored
-    step_bytes: int  # streamed per decode step: weights read + state read and written
-    step_ops: float  # per decode step (a multiply-add counts 2)
-    token_ops: float  # per prefill token, the head excluded (computed once per chunk)
-    head_ops: float
+    head_bytes: int  # the (vocab, d_model) head as stored, read whole once per decode step and per chunk
+    body_bytes: int  # the rest a decode step streams: layer weights, one embedding row, the state read + written
+    token_ops: float  # per token, the head excluded (a multiply-add counts 2)
+    head_ops: float  # the head, once per decode step and per prefill chunk
     step_launches: int  # graph nodes / kernels per decode step
     chunk_launches: int  # graph nodes / kernels per prefill chunk, the scan loop excluded
 
+    @property
+    def step_bytes(self) -> int:
+        return self.body_bytes + self.head_bytes
 
-def _ops_per_token(spec: ModelSpec) -> tuple[float, float]:
-    """(layer ops per token, head ops): 2 per multiply-add of every projection, and the
-    recurrence h' = exp(Δ·A)·h + Δ·x·B, y = h'·C at ~7 ops per state element."""
-    mats = sum(math.prod(shape) for name, shape in spec.weight_shapes().items()
-               if name.rsplit(".", 1)[-1] in ("in_proj", "x_proj", "dt_proj", "out_proj"))
-    per_layer_elementwise = 7 * spec.d_inner * spec.d_state + 2 * spec.conv_dim * spec.d_conv + 12 * spec.d_inner \
-        + 6 * spec.d_model
-    return 2.0 * mats + spec.n_layer * per_layer_elementwise, 2.0 * spec.vocab_size * spec.d_model
+    @property
+    def step_ops(self) -> float:
+        return self.token_ops + self.head_ops
 
 
-def _streamed_fraction(spec: ModelSpec, precision: str) -> float:
-    """Fraction of the stored weight bytes a decode step reads: an untied embedding contributes one row."""
-    total = weight_bytes(spec, precision)
-    if spec.tie_embeddings:
-        return 1.0
-    unused = storage(precision).matrix_bytes(spec.vocab_size - 1, spec.d_model)
-    return (total - unused) / total
+def _token_ops(spec: ModelSpec) -> float:
+    """2 per multiply-add of every layer projection, the recurrence h' = exp(Δ·A)·h + Δ·x·B,
+    y = h'·C at ~7 ops per state element, and the conv, gates and norms."""
+    mats = sum(math.prod(shape) for name, shape in spec.weight_shapes().items() if name.rsplit(".", 1)[-1] in MATRICES)
+    per_layer = 7 * spec.d_inner * spec.d_state + 2 * spec.conv_dim * spec.d_conv + 12 * spec.d_inner + 6 * spec.d_model
+    return 2.0 * mats + spec.n_layer * per_layer
 
 
 def workload(spec: ModelSpec, target: str, precision: str, *, weights: int | None = None,
@@ -66,14 +67,18 @@ def workload(spec: ModelSpec, target: str, precision: str, *, weights: int | Non
     """From the spec at `precision`; `weights` (real weight-file bytes) and the launch counts of
     real graphs replace the estimates when known."""
     cost = target_cost(target)
-    stored = weight_bytes(spec, precision) if weights is None else int(weights)
-    layer_ops, head_ops = _ops_per_token(spec)
-    per_layer = cost.launches_per_layer[spec.arch]
-    default = per_layer * spec.n_layer + cost.launches_fixed
+    st = storage(precision)
+    estimated = weight_bytes(spec, precision)
+    scale = 1.0 if weights is None else weights / estimated  # spread real file bytes over the parts
+    head = st.head_bytes(spec.vocab_size, spec.d_model)
+    table = st.tables_bytes(spec) - head  # an embedding stored apart from the head (0: one table serves both)
+    unread = max(0, table - st.embedding_bytes(1, spec.d_model))  # a step gathers one row of it
+    default = cost.launches_per_layer[spec.arch] * spec.n_layer + cost.launches_fixed
     return Workload(
-        target=target, precision=precision, n_layer=spec.n_layer, weight_bytes=stored,
-        step_bytes=int(stored * _streamed_fraction(spec, precision)) + 2 * spec.state_bytes(1),
-        step_ops=layer_ops + head_ops, token_ops=layer_ops, head_ops=head_ops,
+        target=target, precision=precision, n_layer=spec.n_layer, state_elements=spec.d_inner * spec.d_state,
+        weight_bytes=int(estimated * scale), head_bytes=int(head * scale),
+        body_bytes=int((estimated - head - unread) * scale) + 2 * spec.state_bytes(1),
+        token_ops=_token_ops(spec), head_ops=2.0 * spec.vocab_size * spec.d_model,
         step_launches=default if step_launches is None else step_launches,
         chunk_launches=default if chunk_launches is None else chunk_launches,
     )
@@ -110,10 +115,10 @@ class Prediction:
     decode_bound: str  # "bandwidth" or "compute": the larger roofline term
     decode_memory_ms: float
     decode_compute_ms: float
-    decode_overhead_ms: float
+    decode_overhead_ms: float  # launches, the call, and an unfused state update
     prefill_tokens_per_s: float
     prefill_tokens: int
-    bandwidth_bytes_per_s: float  # achievable, as used
+    bandwidth_bytes_per_s: float  # achievable, as used (layer weights)
     ops_per_s: float  # achievable, as used
     step_bytes: int
     step_ops: float
@@ -126,18 +131,21 @@ def predict(work: Workload, profile: DeviceProfile, *, prompt_len: int = 512, ch
     proc = profile.processor(work.target)
     cost = target_cost(work.target)
     bandwidth = proc.achievable_bandwidth() * cost.weight_read_efficiency.value
+    head_bandwidth = proc.achievable_bandwidth() * cost.head_read_efficiency.value
     ops = proc.achievable_ops(COMPUTE_DTYPE[work.precision]) * cost.gemm_efficiency.value
+    state_s = work.n_layer * work.state_elements * cost.state_element_s.value  # per token
 
-    memory_s = work.step_bytes / bandwidth
+    memory_s = work.body_bytes / bandwidth + work.head_bytes / head_bandwidth
     compute_s = work.step_ops / ops
-    overhead_s = work.step_launches * cost.launch_s.value + cost.call_s.value
+    overhead_s = work.step_launches * cost.launch_s.value + cost.call_s.value + state_s
 
+    scan_s = work.n_layer * cost.scan_step_s.value + state_s  # per prefill token
     prefill_s = 0.0
     for start in range(0, prompt_len, chunk):  # the Session feeds the prompt in chunks
         t = min(chunk, prompt_len - start)
-        roof = max(work.weight_bytes / bandwidth, (t * work.token_ops + work.head_ops) / ops)
-        prefill_s += roof + work.chunk_launches * cost.launch_s.value + cost.call_s.value \
-            + t * work.n_layer * cost.scan_step_s.value
+        roof = max((work.weight_bytes - work.head_bytes) / bandwidth + work.head_bytes / head_bandwidth,
+                   (t * work.token_ops + work.head_ops) / ops)
+        prefill_s += roof + work.chunk_launches * cost.launch_s.value + cost.call_s.value + t * scan_s
     return Prediction(
         device=profile.name, target=work.target, precision=work.precision,
         decode_ms=1e3 * (max(memory_s, compute_s) + overhead_s),

@@ -1,9 +1,10 @@
 """Describe the machine this runs on as a DeviceProfile, with quick measurements.
 
-Memory bandwidth is measured as a float32 matrix-vector product over a matrix far larger than the
-caches (the access pattern of a decode step: every weight read once), and the fp32 rate as a
-square matrix product, both with NumPy's BLAS on all its threads. A CUDA GPU is described and
-measured the same way through torch when torch sees one. Measured figures are achievable rates,
+Memory bandwidth is measured as a float32 matrix-vector product over a matrix four times the
+last-level cache (the access pattern of a decode step: every weight read once) with NumPy's BLAS, and the
+fp32 rate as a prefill-shaped matrix product with ONNX Runtime's MLAS (the CPU runtime edgemamba
+ships; NumPy's BLAS build may lack the CPU's widest vectors), both on all threads. A CUDA GPU is
+described and measured through torch when torch sees one. Measured figures are achievable rates,
 so their efficiencies are 1.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +32,28 @@ def _best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure_read_bandwidth(nbytes: int = 256 * MiB, repeats: int = 5) -> float:
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs); 0 when unknown."""
+    sizes = [0]
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
+        except (OSError, ValueError):
+            pass
+    return max(sizes)
+
+
+def bandwidth_test_bytes() -> int:
+    """Four times the last-level cache (so the matrix streams from memory), at least 256 MiB, at
+    most a quarter of the memory available now."""
+    import psutil
+
+    want = max(256 * MiB, 4 * last_level_cache_bytes())
+    return int(min(want, psutil.virtual_memory().available // 4))
+
+
+def measure_read_bandwidth(nbytes: int, repeats: int = 5) -> float:
     """Bytes/s streamed by a float32 matrix-vector product over an `nbytes` matrix."""
     cols = 4096
     w = np.ones((max(1, nbytes // (4 * cols)), cols), np.float32)  # (rows, cols)
@@ -38,9 +61,21 @@ def measure_read_bandwidth(nbytes: int = 256 * MiB, repeats: int = 5) -> float:
     return w.nbytes / _best_seconds(lambda: w @ x, repeats)
 
 
-def measure_fp32_flops(n: int = 1024, repeats: int = 5) -> float:
-    a = np.ones((n, n), np.float32)
-    return 2.0 * n**3 / _best_seconds(lambda: a @ a, repeats)
+def measure_fp32_flops(m: int = 256, n: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
+    """Ops/s of an ONNX Runtime float32 MatMul (m, n) · (n, n): one prefill chunk's projection."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((n, n), 1e-3, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or _physical_cores()
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.ones((m, n), np.float32)
+    return 2.0 * m * n * n / _best_seconds(lambda: sess.run(None, {"x": x}), repeats)
 
 
 def _cpu_model() -> str:
@@ -71,14 +106,17 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def probe_cpu(bandwidth_bytes: int = 256 * MiB) -> Processor:
+def probe_cpu(threads: int | None = None) -> Processor:
+    """`threads`: ONNX Runtime threads for the fp32 rate (default: all physical cores); NumPy's
+    BLAS threads are set by its environment (OPENBLAS_NUM_THREADS) before it loads."""
     import psutil
 
     vm = psutil.virtual_memory()
+    bandwidth_bytes = bandwidth_test_bytes()
     bandwidth = measure_read_bandwidth(bandwidth_bytes)
-    fp32 = measure_fp32_flops()
+    fp32 = measure_fp32_flops(threads=threads)
     flags = _cpu_flags()
-    peak = {"fp32": Figure(fp32, "measured: NumPy float32 1024×1024 matrix product, best of 5")}
+    peak = {"fp32": Figure(fp32, "measured: ONNX Runtime float32 MatMul 256×2048 · 2048×2048, best of 5")}
     if flags & {"avx512_vnni", "avx_vnni", "asimddp"}:
         peak["int8"] = est(4 * fp32, "4× the measured fp32 rate (int8 dot-product instructions present)")
     if flags & {"avx512_fp16", "asimdhp"}:
@@ -139,8 +177,8 @@ def probe_gpu() -> Processor | None:
     )
 
 
-def probe(*, gpu: bool = True, bandwidth_bytes: int = 256 * MiB) -> DeviceProfile:
-    cpu = probe_cpu(bandwidth_bytes)
+def probe(*, gpu: bool = True, threads: int | None = None) -> DeviceProfile:
+    cpu = probe_cpu(threads)
     gpu_proc = probe_gpu() if gpu else None
     cpu_targets = ("ort-cpu", "tvm-aarch64" if platform.machine() in ("aarch64", "arm64") else "tvm-llvm")
     targets = (("tensorrt", "tvm-cuda") if gpu_proc else ()) + cpu_targets

@@ -132,13 +132,16 @@ class TargetCost:
     launch_s: Figure  # per graph node / kernel launch
     call_s: Figure  # per graph call (host side: binding, dispatch)
     scan_step_s: Figure  # prefill: per token per layer when the scan runs as a loop of graph nodes
+    state_element_s: Figure  # per state element (d_inner · d_state) per token per layer, when the recurrence
+    #                          runs as separate elementwise nodes (0 when fused: then it is in the roofline)
     weight_read_efficiency: Figure  # fraction of the processor's streaming bandwidth its matrix-vector products reach
+    head_read_efficiency: Figure  # ... and the (vocab, d_model) head's product, which reads the table transposed
     gemm_efficiency: Figure  # fraction of the processor's achievable matrix-product rate its prefill reaches
     runtime_bytes: Figure  # runtime libraries, context and allocator arenas resident while running
     notes: str = ""
 
 
-_ORT_NOTE = "measured: 2-core AMD EPYC (Zen 5) CI machine, benchmarks/context_predict.py"
+_ORT_NOTE = "measured: benchmarks/context_predict.py --calibrate (ONNX Runtime micro-graphs; RESULTS.md)"
 _CUDA_LAUNCH = est(3e-6, "one kernel launch from a CUDA graph / TensorRT enqueue, 2-4 µs")
 
 # Decode-step launches per layer: ort-cpu counts the exporter's graph nodes (Constant nodes
@@ -149,24 +152,32 @@ TARGET_COSTS: dict[str, TargetCost] = {
         processor="cpu",
         launches_per_layer={"mamba1": 47, "mamba2": 52},
         launches_fixed=8,
-        launch_s=Figure(2.5e-6, _ORT_NOTE + " (tiny model, where overhead dominates)"),
-        call_s=Figure(40e-6, _ORT_NOTE),
-        scan_step_s=Figure(20e-6, _ORT_NOTE + " (ONNX Scan: 6 body nodes per token per layer)"),
-        weight_read_efficiency=Figure(0.6, _ORT_NOTE + " (MLAS packs weight panels per call: prepacking is off)"),
-        gemm_efficiency=Figure(1.0, _ORT_NOTE),
+        launch_s=Figure(0.7e-6, _ORT_NOTE + ": 0.4-1.0 µs per elementwise node"),
+        call_s=Figure(5e-6, _ORT_NOTE + ": 4-7 µs per graph call"),
+        scan_step_s=Figure(10e-6, _ORT_NOTE + ": 3-12 µs per ONNX Scan iteration on a quiet machine, 55-130 µs "
+                                             "on the 2-core CI machine under load"),
+        state_element_s=Figure(3.5e-9, _ORT_NOTE + ": 2.7-5 ns per state element through the 6 update nodes"),
+        weight_read_efficiency=Figure(0.7, _ORT_NOTE + ": layer-sized MatMuls (prepacking off) against NumPy's "
+                                                      "matrix-vector product, 0.73 at 1-2 threads, ~0.4 at 16"),
+        head_read_efficiency=Figure(0.9, _ORT_NOTE + ": the head's Gemm(transB=1), 0.83-1.0"),
+        gemm_efficiency=Figure(1.0, "measured: `devices --probe` measures the fp32 rate with ONNX Runtime itself"),
         runtime_bytes=est(128 * MiB, "Python, NumPy and ONNX Runtime resident set with a tiny model (measured ~140 MiB)"),
     ),
     "tensorrt": TargetCost(
         processor="gpu", launches_per_layer={"mamba1": 9, "mamba2": 10}, launches_fixed=4, launch_s=_CUDA_LAUNCH,
         call_s=est(20e-6, "enqueue + stream sync"), scan_step_s=est(0.0, "fused selective-scan plugin"),
+        state_element_s=est(0.0, "fused: in the roofline"),
         weight_read_efficiency=est(0.9, "cuBLAS/TensorRT GEMV on large matrices"),
+        head_read_efficiency=est(0.9, "cuBLAS/TensorRT GEMV on large matrices"),
         gemm_efficiency=est(1.0, "cuBLAS/TensorRT GEMM (the processor's efficiency covers it)"),
         runtime_bytes=est(800 * MiB, "CUDA context + TensorRT/cuBLAS kernels resident (about 0.6-1 GiB on Jetson)"),
     ),
     "tvm-cuda": TargetCost(
         processor="gpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4, launch_s=_CUDA_LAUNCH,
         call_s=est(30e-6, "packed-function call + stream sync"), scan_step_s=est(0.0, "TIR scan kernel"),
+        state_element_s=est(0.0, "fused: in the roofline"),
         weight_read_efficiency=est(0.8, "TVM-generated GEMV kernels"),
+        head_read_efficiency=est(0.8, "TVM-generated GEMV kernels"),
         gemm_efficiency=est(0.7, "tuned TVM GEMM against cuBLAS"),
         runtime_bytes=est(400 * MiB, "CUDA context + compiled module"),
     ),
@@ -174,7 +185,9 @@ TARGET_COSTS: dict[str, TargetCost] = {
         processor="cpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4,
         launch_s=est(1e-6, "one packed-function call per fused operator"), call_s=est(20e-6, "VM entry + binding"),
         scan_step_s=est(1e-6, "scan loop compiled into one operator"),
+        state_element_s=est(0.0, "fused into one vectorized operator: in the roofline"),
         weight_read_efficiency=est(0.7, "LLVM-vectorized GEMV"),
+        head_read_efficiency=est(0.7, "LLVM-vectorized GEMV"),
         gemm_efficiency=est(0.7, "tuned TVM GEMM against MLAS/OpenBLAS"),
         runtime_bytes=est(64 * MiB, "TVM runtime + compiled library"),
     ),
@@ -183,7 +196,9 @@ TARGET_COSTS: dict[str, TargetCost] = {
         launch_s=est(2e-6, "one packed-function call per fused operator on a Cortex-A core"),
         call_s=est(40e-6, "VM entry + binding on a Cortex-A core"),
         scan_step_s=est(2e-6, "scan loop compiled into one operator"),
+        state_element_s=est(0.0, "fused into one vectorized operator: in the roofline"),
         weight_read_efficiency=est(0.7, "LLVM-vectorized NEON GEMV"),
+        head_read_efficiency=est(0.7, "LLVM-vectorized NEON GEMV"),
         gemm_efficiency=est(0.7, "tuned TVM GEMM against a BLAS"),
         runtime_bytes=est(64 * MiB, "TVM runtime + compiled library"),
     ),
