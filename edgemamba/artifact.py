@@ -117,6 +117,13 @@ class Artifact:
         return self.path / name if name else None
 
 
+def state_bytes(state: list[dict], batch: int = 1) -> int:
+    """Bytes of one sequence's state from the manifest's state entries."""
+    import numpy as np
+
+    return sum(batch * int(np.prod(e["shape"][1:])) * np.dtype(e["dtype"]).itemsize for e in state)
+
+
 def check_target(target: str, precision: str) -> None:
     if target not in TARGETS:
         raise EdgeMambaError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
@@ -144,11 +151,13 @@ def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", prec
             shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
             files["tokenizer"] = tmp / "tokenizer.json"
             tokenizer = "tokenizer.json"
+        state_dtype = (recipe.state_dtype if recipe else "float32")
         state = []
         for key, shape in state_shapes(spec).items():
             kind, i = key.split(".")
             state.append({"name": f"{kind}_state.{i}", "input": f"past_{kind}_state.{i}",
-                          "output": f"present_{kind}_state.{i}", "shape": list(shape), "dtype": "float32"})
+                          "output": f"present_{kind}_state.{i}", "shape": list(shape),
+                          "dtype": state_dtype if kind == "ssm" else "float32"})
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -164,7 +173,7 @@ def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", prec
             "io": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
                    "logits": {"dtype": "float32", "shape": ["batch", spec.vocab_size]}},
             "state": state,
-            "state_bytes_per_sequence": spec.state_bytes(1),
+            "state_bytes_per_sequence": state_bytes(state),
             "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files.values()},
             "source": {"checkpoint": str(ckpt.path) if ckpt.path else None,
                        "bytes_by_dtype": ckpt.source_bytes_by_dtype},

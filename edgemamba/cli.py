@@ -162,8 +162,8 @@ def compile_cmd(checkpoint, target, precision, output, recipe, calib, calib_toke
     click.echo(f"compiled {spec.source or 'model'} ({spec.n_params:,} parameters) for {target}/{precision} -> {output}")
     parts = ", ".join(f"{name} {_fmt_bytes(info['bytes'])}" for name, info in files.items())
     click.echo(f"  artifact size   {_fmt_bytes(total)} ({parts})")
-    click.echo(f"  state           {_fmt_bytes(spec.state_bytes(1))} per sequence, constant in context length")
-    click.echo(f"  expected memory ~{_fmt_bytes(files['weights.bin']['bytes'] + spec.state_bytes(1))} weights + state, "
+    click.echo(f"  state           {_fmt_bytes(art.manifest['state_bytes_per_sequence'])} per sequence, constant in context length")
+    click.echo(f"  expected memory ~{_fmt_bytes(files['weights.bin']['bytes'] + art.manifest['state_bytes_per_sequence'])} weights + state, "
                "plus runtime workspace")
     if fit_note:
         click.echo(f"  device          {fit_note}")

@@ -204,3 +204,25 @@ def test_trained_model_meets_precision_bars(tmp_path):
         art = compile_artifact(ck, tmp_path / precision, precision=precision, calib_ids=calib)
         report = verify_artifact(art.path, data / "demo-mamba", held, greedy_tokens=16)
         assert report["passed"], (precision, report)
+
+
+def test_fp16_state_option(tmp_path, hf_dirs):
+    ck = load_checkpoint(hf_dirs("mamba2-g2-tied")[1])
+    art = compile_artifact(ck, tmp_path / "s.em", recipe=Recipe(state_dtype="float16"))
+    ssm = [e for e in art.manifest["state"] if e["name"].startswith("ssm")]
+    assert {e["dtype"] for e in ssm} == {"float16"}
+    ssm_elements = ck.spec.n_layer * int(np.prod(ck.spec.ssm_state_shape(1)))
+    assert art.manifest["state_bytes_per_sequence"] == ck.spec.state_bytes(1) - 2 * ssm_elements
+    s = Session(art)
+    ids = random_ids((60,), seed=12)
+    expected, ref_state = Reference(ck).forward(ids[None])
+    got = [s.prefill(ids[:30]).copy()] + [s.step([t])[0].copy() for t in ids[30:]]
+    assert_logits_close(np.stack(got), expected[0, 29:], rel=5e-3)  # only the stored state is rounded
+    state = s.get_state()
+    assert state["ssm_state.0"].dtype == np.float16
+    np.testing.assert_allclose(state["ssm_state.1"].astype(np.float32), ref_state.ssm[1][0], rtol=0,
+                               atol=2e-3 * np.abs(ref_state.ssm[1]).max())
+    s.save_state(tmp_path / "x.state")
+    t = Session(art)
+    t.load_state(tmp_path / "x.state")
+    assert all(np.array_equal(t.get_state()[k], v) for k, v in state.items())

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgemamba.errors import EdgeMambaError
-from edgemamba.passes.float16 import Float16Weights
+from edgemamba.passes.float16 import Float16State, Float16Weights
 from edgemamba.passes.quantize import QUANTIZABLE, QuantizeEmbedding, QuantizeMatMulNBits, QuantOptions
 from edgemamba.passes.w8a8 import Calibrate, QuantizeQDQ, RotateOutProj
 
@@ -33,6 +33,7 @@ class Recipe:
     head_bits: int = 0  # 0: same as the precision
     ssm_input_percentile: float = 99.99  # w8a8: clipping of the SSM input's calibrated range
     hadamard_block: int = 64  # w8a8: largest block of the out_proj-input rotation
+    state_dtype: str = "float32"  # or "float16": SSM state stored in 16 bits between tokens
 
     @classmethod
     def load(cls, path: str | Path | None) -> Recipe:
@@ -97,6 +98,12 @@ def _cleanup(r: Recipe, ctx: Context):
     return [RemoveUnusedNodesPass()]
 
 
+def _state(r: Recipe, ctx: Context):
+    if r.state_dtype not in ("float32", "float16"):
+        raise EdgeMambaError(f"recipe state_dtype must be float32 or float16, got {r.state_dtype!r}")
+    return [Float16State()] if r.state_dtype == "float16" else []
+
+
 def _rotate(r: Recipe, ctx: Context):
     return [RotateOutProj(r.hadamard_block)]
 
@@ -127,13 +134,14 @@ class Pipeline:
 
 
 PIPELINES: dict[tuple[str, str], Pipeline] = {
-    ("ort-cpu", "fp32"): Pipeline([Phase("cleanup", _cleanup)]),
-    ("ort-cpu", "fp16"): Pipeline([Phase("precision", _fp("fp16")), Phase("cleanup", _cleanup)]),
+    ("ort-cpu", "fp32"): Pipeline([Phase("state", _state), Phase("cleanup", _cleanup)]),
+    ("ort-cpu", "fp16"): Pipeline([Phase("precision", _fp("fp16")), Phase("state", _state), Phase("cleanup", _cleanup)]),
     # Defaults from measurement on the trained demo model (benchmarks/RESULTS.md, precision section).
-    ("ort-cpu", "int8"): Pipeline([Phase("quantize", _quant(8, 32)), Phase("cleanup", _cleanup)]),
-    ("ort-cpu", "int4"): Pipeline([Phase("quantize", _quant(4, 64, default_head_bits=8)), Phase("cleanup", _cleanup)]),
+    ("ort-cpu", "int8"): Pipeline([Phase("quantize", _quant(8, 32)), Phase("state", _state), Phase("cleanup", _cleanup)]),
+    ("ort-cpu", "int4"): Pipeline([Phase("quantize", _quant(4, 64, default_head_bits=8)), Phase("state", _state),
+                                   Phase("cleanup", _cleanup)]),
     ("ort-cpu", "w8a8"): Pipeline([Phase("rotate", _rotate), Phase("calibrate", _calibrate),
-                                   Phase("quantize", _quant_w8a8), Phase("cleanup", _cleanup)]),
+                                   Phase("quantize", _quant_w8a8), Phase("state", _state), Phase("cleanup", _cleanup)]),
 }
 
 

@@ -88,6 +88,8 @@ class OrtBackend:
     def __init__(self, artifact: Artifact, batch: int, threads: int | None = None):
         self.spec = artifact.spec
         self.batch = batch
+        # State dtypes come from the manifest (float32, or float16 SSM state when compiled so).
+        self.state_dtypes = {e["name"]: np.dtype(e.get("dtype", "float32")) for e in artifact.manifest.get("state", [])}
         # Copy-on-write mapping: writable as ORT requires, never written, so the pages stay shared
         # with the page cache (and with other processes running the same artifact).
         files = artifact.manifest["files"]
@@ -122,7 +124,8 @@ class OrtBackend:
         shapes = {f"conv_state.{i}": self.spec.conv_state_shape(batch) for i in range(self.spec.n_layer)}
         shapes.update({f"ssm_state.{i}": self.spec.ssm_state_shape(batch) for i in range(self.spec.n_layer)})
         # Two buffer sets, allocated once; `cur` holds the state, the other receives the next one.
-        self._bufs = [{k: np.zeros(shapes[k], np.float32) for k in self.state_keys} for _ in range(2)]
+        self._bufs = [{k: np.zeros(shapes[k], self.state_dtypes.get(k, np.float32)) for k in self.state_keys}
+                      for _ in range(2)]
         self._ov = [{k: ort.OrtValue.ortvalue_from_numpy(b[k]) for k in self.state_keys} for b in self._bufs]
         self._logits = np.zeros((batch, self.spec.vocab_size), np.float32)
         self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
@@ -136,10 +139,13 @@ class OrtBackend:
         f32, s = onnx.TensorProto.FLOAT, self.spec
         out = {"input_ids": (onnx.TensorProto.INT64, (None, 1 if kind == "step" else None)),
                "logits": (f32, (None, s.vocab_size))}
+        def elem(name):
+            return onnx.helper.np_dtype_to_tensor_dtype(self.state_dtypes.get(name, np.dtype(np.float32)))
+
         for i in range(s.n_layer):
             for io in ("past", "present"):
-                out[f"{io}_conv_state.{i}"] = (f32, (None, *s.conv_state_shape(1)[1:]))
-                out[f"{io}_ssm_state.{i}"] = (f32, (None, *s.ssm_state_shape(1)[1:]))
+                out[f"{io}_conv_state.{i}"] = (elem(f"conv_state.{i}"), (None, *s.conv_state_shape(1)[1:]))
+                out[f"{io}_ssm_state.{i}"] = (elem(f"ssm_state.{i}"), (None, *s.ssm_state_shape(1)[1:]))
         return out
 
     def _run(self, kind: str, io: ort.IOBinding) -> None:
