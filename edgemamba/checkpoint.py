@@ -334,7 +334,7 @@ class _TorchStateDict(_Tensors):
             try:
                 # weights_only: never execute code from a checkpoint.
                 part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError:  # torch's advice (weights_only=False) is exactly what we refuse
+            except pickle.UnpicklingError:  # torch suggests turning weights_only off: exactly what we refuse
                 raise EdgeMambaError(
                     f"{f}: refused: the file holds Python objects other than tensors, and unpickling them could run "
                     "code; convert a trusted copy to safetensors") from None
