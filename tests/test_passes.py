@@ -107,18 +107,20 @@ def test_tied_head_and_embedding_share_one_packed_table(hf_dirs):
     run(models)
     packed = [n for n in models["step"].graph.initializers if n.startswith("embedding.q")]
     # int4's default keeps the head and embedding at 8 bits (measured: +1.9% vs +3.6% perplexity)
-    assert packed == ["embedding.q8b64", "embedding.q8b64.scales", "embedding.q8b64.scales.rows"]
+    assert packed == ["embedding.q8b64", "embedding.q8b64.scales"]
 
 
 def test_artifact_sizes_shrink(tmp_path):
-    model = build_hf_model("mamba", hidden_size=256, num_hidden_layers=2)
-    model.resize_token_embeddings(4096)
+    # mamba-130m's layer width and embedding share (30%): the float32 islands (A, conv, D: 0.8% of a
+    # layer at d_model 768, 3% at 256) and the scales weigh as in the real model.
+    model = build_hf_model("mamba", hidden_size=768, num_hidden_layers=2)
+    model.resize_token_embeddings(4096, mean_resizing=False)
     ck = load_checkpoint(model)
     size = {p: sum(f["bytes"] for f in compile_artifact(ck, tmp_path / p, precision=p).manifest["files"].values())
             for p in ("fp32", "fp16", "int8", "int4")}
-    assert size["fp16"] <= 0.52 * size["fp32"]
+    assert size["fp16"] <= 0.55 * size["fp32"]  # halves the weights; tokenizer and float32 islands stay
     assert size["int8"] <= 0.3 * size["fp32"]
-    assert size["int4"] <= 0.2 * size["fp32"]
+    assert size["int4"] <= 0.2 * size["fp32"], size
 
 
 def test_unsupported_precision_and_bad_recipe_are_refused(tmp_path, hf_dirs):
@@ -226,3 +228,28 @@ def test_fp16_state_option(tmp_path, hf_dirs):
     t = Session(art)
     t.load_state(tmp_path / "x.state")
     assert all(np.array_equal(t.get_state()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("kind", ["mamba", "falcon", "mamba2-g2-tied"])
+def test_rmsnorm_fusion_counts_and_parity(kind, hf_dirs):
+    import onnxruntime as ort
+
+    from edgemamba.passes.fusion import FuseRMSNorm
+
+    ck = load_checkpoint(hf_dirs(kind)[1])
+    ids = random_ids((1, 20), seed=13)
+    outs = []
+    for fuse in (False, True):
+        model = build_graphs(ck)["prefill"]
+        if fuse:
+            assert FuseRMSNorm()(model).modified
+            # block norms + norm_f; weightless norms (Falcon's B/C/Δ, Mamba-2's grouped gate norm) stay
+            assert count_ops(model, "SimplifiedLayerNormalization") == ck.spec.n_layer + 1
+            assert count_ops(model, "ReduceMean") == (3 * ck.spec.n_layer if kind == "falcon" else
+                                                      ck.spec.n_layer if ck.spec.arch == "mamba2" else 0)
+        sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: np.zeros([1 if d == "batch" else d for d in i.shape], np.float32)
+                 for i in sess.get_inputs() if i.name != "input_ids"}
+        outs.append(sess.run(None, {"input_ids": ids, **feeds}))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, np.abs(a).max()))

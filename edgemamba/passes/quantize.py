@@ -169,10 +169,8 @@ class QuantizeEmbedding(GraphPass):
                 continue
             bits, bs = self.o.bits_for("lm_head"), self.o.block_size
             b, s = self.head.packed(graph, "embedding", lambda t=table: t.T, bits)  # same key as a tied head
-            vocab, n_blocks = b.const_value.shape[0], b.const_value.shape[1]
-            s2 = self.add_initializer(graph, self.shared_tensor(
-                s.name + ".rows", lambda: s.const_value.numpy().reshape(vocab, n_blocks, 1)))
-            out = self._dequant_rows(graph, node, b, s2, bits, bs, n_blocks, table.shape[1])
+            n_blocks = b.const_value.shape[1]
+            out = self._dequant_rows(graph, node, b, s, bits, bs, n_blocks, table.shape[1])
             modified = True
             self.replace(graph, node, out[0], out[1])
         if modified:
@@ -180,7 +178,7 @@ class QuantizeEmbedding(GraphPass):
         return ir.passes.PassResult(model, modified)
 
     @staticmethod
-    def _dequant_rows(graph, node, b, s2, bits, bs, n_blocks, k):
+    def _dequant_rows(graph, node, b, scales, bits, bs, n_blocks, k):
         """Nodes computing (codes - zero) · scale for the gathered rows, reshaped to (b, t, K)."""
         ids = node.inputs[1]
         nodes: list[ir.Node] = []
@@ -201,7 +199,9 @@ class QuantizeEmbedding(GraphPass):
                                   op("Unsqueeze", [hi, const([-1], np.int64)])], axis=-1)
             codes = op("Reshape", [pairs, const([0, 0, n_blocks, bs], np.int64)])
         centered = op("Sub", [op("Cast", [codes], to=ir.DataType.FLOAT), const(2 ** (bits - 1), np.float32)])
-        rows = op("Mul", [centered, op("Gather", [s2, ids])])  # scales (b, t, n_blocks, 1)
+        # the head's flat scales viewed per row (a reshape at load, no second copy on disk)
+        per_row = op("Reshape", [scales, const([-1, n_blocks, 1], np.int64)])  # (vocab, n_blocks, 1)
+        rows = op("Mul", [centered, op("Gather", [per_row, ids])])  # scales (b, t, n_blocks, 1)
         rows = op("Reshape", [rows, const([0, 0, n_blocks * bs], np.int64)])
         if n_blocks * bs != k:
             rows = op("Slice", [rows, const([0], np.int64), const([k], np.int64), const([2], np.int64)])
