@@ -170,7 +170,7 @@ def test_calibration_ranges_and_qdq_structure(hf_dirs):
     run, describe = build_pipeline("ort-cpu", "w8a8", Recipe(), calib)
     run(models)
     cal = describe()
-    assert [p["name"] for p in cal["phases"]] == ["rotate", "calibrate", "quantize", "cleanup"]
+    assert [p["name"] for p in cal["phases"]] == ["rotate", "calibrate", "quantize", "fuse", "state", "cleanup"]
     # layer 0's in_proj input is the normed embedding: its range is known independently
     x0 = rms_norm(ck.weights["embedding"][calib], ck.weights["layers.0.norm"], ck.spec.norm_eps)
     step = models["step"]
