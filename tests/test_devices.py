@@ -115,6 +115,11 @@ def test_prediction_roofline_and_overhead_on_synthetic_profiles():
     untied = dataclasses.replace(spec, tie_embeddings=False)
     assert workload(untied, "ort-cpu", "fp32").step_bytes == work.step_bytes + 4 * spec.d_model
     assert weight_bytes(untied, "fp32") == weight_bytes(spec, "fp32") + head
+    # costs measured on a device replace the target's defaults
+    measured = dataclasses.replace(_synthetic(10e9, 1e15), measured_costs={"ort-cpu": {
+        "launch_s": Figure(0.0, "measured"), "call_s": Figure(0.0, "measured"), "state_element_s": Figure(0.0, "m")}})
+    assert predict(work, measured).decode_overhead_ms == 0
+    assert predict(work, measured).decode_memory_ms == slow.decode_memory_ms
     # prefill: a bandwidth-starved device reads the weights once per chunk, so throughput scales with it
     p1, p2 = (predict(work, _synthetic(bw, 1e15), prompt_len=512) for bw in (1e8, 2e8))
     assert p2.prefill_tokens_per_s == pytest.approx(2 * p1.prefill_tokens_per_s, rel=0.05)
@@ -159,6 +164,10 @@ def test_cli_devices_probe_and_predict_beside_measurement(tiny_artifact, tmp_pat
     assert probed["cpu"]["memory_bytes"]["value"] == psutil.virtual_memory().total
     assert probed["cpu"]["bandwidth_bytes_per_s"]["value"] > 1e8
     assert probed["cpu"]["bandwidth_bytes_per_s"]["source"].startswith("measured")
+    ort_costs = probed["measured_costs"]["ort-cpu"]  # ONNX Runtime's own costs, measured here
+    assert set(ort_costs) == {"launch_s", "call_s", "weight_read_efficiency", "head_read_efficiency",
+                              "state_element_s", "scan_step_s"}
+    assert all(c["source"].startswith("measured") and c["value"] >= 0 for c in ort_costs.values())
     profile = tmp_path / "this.json"
     profile.write_text(r.stdout)
 

@@ -129,7 +129,7 @@ class Prediction:
 
 def predict(work: Workload, profile: DeviceProfile, *, prompt_len: int = 512, chunk: int = 256) -> Prediction:
     proc = profile.processor(work.target)
-    cost = target_cost(work.target)
+    cost = profile.cost(work.target)
     bandwidth = proc.achievable_bandwidth() * cost.weight_read_efficiency.value
     head_bandwidth = proc.achievable_bandwidth() * cost.head_read_efficiency.value
     ops = proc.achievable_ops(COMPUTE_DTYPE[work.precision]) * cost.gemm_efficiency.value

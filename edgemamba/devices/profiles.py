@@ -9,7 +9,8 @@ Units: bytes, bytes/s, operations/s (a multiply-add counts 2), seconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 from edgemamba.errors import EdgeMambaError
 
@@ -99,6 +100,12 @@ class DeviceProfile:
     targets: tuple[str, ...]  # the targets that run here, most preferred first
     precisions: tuple[str, ...]  # the precisions that run here, most preferred first
     notes: str = ""
+    # target -> TargetCost fields measured on this device (`devices --probe` measures ort-cpu's)
+    measured_costs: dict[str, dict[str, Figure]] = field(default_factory=dict)
+
+    def cost(self, target: str) -> TargetCost:
+        """The target's costs, with what was measured on this device in place of the defaults."""
+        return dataclasses.replace(target_cost(target), **self.measured_costs.get(target, {}))
 
     def processor(self, target: str) -> Processor:
         kind = target_cost(target).processor
@@ -110,15 +117,21 @@ class DeviceProfile:
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "cpu": self.cpu.to_dict(),
                 "gpu": self.gpu.to_dict() if self.gpu else None, "targets": list(self.targets),
-                "precisions": list(self.precisions), "notes": self.notes}
+                "precisions": list(self.precisions), "notes": self.notes,
+                "measured_costs": {t: {k: v.to_dict() for k, v in c.items()} for t, c in self.measured_costs.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> DeviceProfile:
         try:
+            costs = {t: {k: Figure.from_dict(v) for k, v in c.items()} for t, c in d.get("measured_costs", {}).items()}
+            known = {f.name for f in dataclasses.fields(TargetCost)}
+            bad = [f"{t}.{k}" for t, c in costs.items() for k in c if t not in TARGET_COSTS or k not in known]
+            if bad:
+                raise EdgeMambaError(f"invalid device profile: unknown measured cost(s) {', '.join(bad)}")
             return cls(name=d["name"], title=d["title"], cpu=Processor.from_dict(d["cpu"]),
                        gpu=Processor.from_dict(d["gpu"]) if d.get("gpu") else None, targets=tuple(d["targets"]),
-                       precisions=tuple(d["precisions"]), notes=d.get("notes", ""))
-        except (KeyError, TypeError, ValueError) as e:
+                       precisions=tuple(d["precisions"]), notes=d.get("notes", ""), measured_costs=costs)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgeMambaError(f"invalid device profile: missing or malformed field {e}") from None
 
 
@@ -141,7 +154,9 @@ class TargetCost:
     notes: str = ""
 
 
-_ORT_NOTE = "measured: benchmarks/context_predict.py --calibrate (ONNX Runtime micro-graphs; RESULTS.md)"
+# Defaults for devices not probed; `edgemamba devices --probe` measures these on the machine itself
+# (probe.measure_ort_costs). Ranges: the 2-core CI machine and a quiet 16-core Xeon (RESULTS.md).
+_ORT_NOTE = "measured: ONNX Runtime micro-graphs (devices/probe.py measure_ort_costs)"
 _CUDA_LAUNCH = est(3e-6, "one kernel launch from a CUDA graph / TensorRT enqueue, 2-4 µs")
 
 # Decode-step launches per layer: ort-cpu counts the exporter's graph nodes (Constant nodes
