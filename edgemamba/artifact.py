@@ -223,4 +223,21 @@ def load_artifact(path: Path | str, verify: bool = True) -> Artifact:
     for key, name in [*manifest["graphs"].items(), *([] if tokenizer is None else [("tokenizer", tokenizer)])]:
         if not isinstance(name, str) or name not in files:  # only checksummed files are read
             raise EdgeMambaError(f"{mpath}: {key!r} file {name!r} is not among the listed files")
+    _check_state_entries(manifest.get("state"), spec, mpath)
     return Artifact(path, manifest, spec)
+
+
+STATE_DTYPES = ("float32", "float16")
+
+
+def _check_state_entries(state, spec: ModelSpec, mpath: Path) -> None:
+    """The state the runtime will allocate: every layer's conv and ssm tensors, with known dtypes."""
+    expected = {f"{k}_state.{i}" for i in range(spec.n_layer) for k in ("conv", "ssm")}
+    if not isinstance(state, list) or not all(isinstance(e, dict) for e in state):
+        raise EdgeMambaError(f"{mpath}: field 'state' must be a list of objects")
+    names = [e.get("name") for e in state]
+    if sorted(map(str, names)) != sorted(expected) or len(names) != len(expected):
+        raise EdgeMambaError(f"{mpath}: 'state' entries do not name every layer's conv_state and ssm_state")
+    for e in state:
+        if e.get("dtype") not in STATE_DTYPES:
+            raise EdgeMambaError(f"{mpath}: state {e['name']} has dtype {e.get('dtype')!r}; one of {', '.join(STATE_DTYPES)}")

@@ -89,7 +89,7 @@ class OrtBackend:
         self.spec = artifact.spec
         self.batch = batch
         # State dtypes come from the manifest (float32, or float16 SSM state when compiled so).
-        self.state_dtypes = {e["name"]: np.dtype(e.get("dtype", "float32")) for e in artifact.manifest.get("state", [])}
+        self.state_dtypes = {e["name"]: np.dtype(e["dtype"]) for e in artifact.manifest["state"]}  # checked on load
         # Copy-on-write mapping: writable as ORT requires, never written, so the pages stay shared
         # with the page cache (and with other processes running the same artifact).
         files = artifact.manifest["files"]
