@@ -28,7 +28,16 @@ MANIFEST = "manifest.json"
 def _targets() -> dict[str, tuple[str, ...]]:
     from edgemamba.passes.pipelines import PIPELINES, precisions_for
 
-    return {target: precisions_for(target) for target, _ in PIPELINES}
+    return {**{target: precisions_for(target) for target, _ in PIPELINES},
+            **{target: precisions for target, (precisions, _) in _builders().items()}}
+
+
+def _builders() -> dict:
+    """Targets whose artifacts another module builds (a compiled library and packed weights, not
+    ONNX graphs): target -> (precisions, builder taking compile_artifact's arguments)."""
+    from edgemamba.kernels.tvm_build import TARGETS as TVM_TARGETS, compile_tvm_artifact
+
+    return {target: (t.precisions, compile_tvm_artifact) for target, t in TVM_TARGETS.items()}
 
 
 # target -> precisions it can build now. Looked up, never branched on.
@@ -134,11 +143,14 @@ def check_target(target: str, precision: str) -> None:
 
 
 def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", precision: str = "fp32",
-                     force: bool = False, recipe=None, calib_ids=None) -> Artifact:
+                     force: bool = False, recipe=None, calib_ids=None, **options) -> Artifact:
+    """`options` go to targets with their own builder (tvm-cuda: arch="sm_87")."""
     from edgemamba.export import GRAPHS, build_graphs, save_graphs, state_shapes
     from edgemamba.passes.pipelines import build_pipeline
 
     check_target(target, precision)
+    if target in _builders():
+        return _builders()[target][1](ckpt, dest, target, precision, force, **options)
     spec = ckpt.spec
     run_pipeline, describe = build_pipeline(target, precision, recipe, calib_ids)
     with atomic_dir(dest, force) as tmp:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 
 def backend_for(artifact):
+    if artifact.target in _TVM_TARGETS:  # imported alone: a TVM device may have no onnxruntime
+        from edgemamba.runtimes.tvm import TvmBackend
+
+        return TvmBackend
     from edgemamba.runtimes.onnxruntime import OrtBackend
 
     backends = {"ort-cpu": OrtBackend}
     return backends[artifact.target]
+
+
+_TVM_TARGETS = ("tvm-llvm", "tvm-aarch64", "tvm-cuda")

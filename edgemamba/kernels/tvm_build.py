@@ -1,0 +1,163 @@
+"""Build tvm-* artifacts: compile the Relax module of a ModelSpec for a target, pack the weights.
+
+    tvm-llvm      this machine's CPU (LLVM with its own instruction set extensions)
+    tvm-aarch64   64-bit Arm Linux, cross-compiled and linked with Debian's aarch64-linux-gnu-g++
+    tvm-cuda      NVIDIA GPUs of one architecture (arch sm_87 Jetson Orin, sm_90 H100, ...); the CUDA
+                  kernels are compiled to cubin here with nvcc, so the device compiles nothing
+
+The artifact: model.so (the library), weights.bin (packed weights, see runtimes.tvm.param_specs),
+kernels.<arch>.cubin for CUDA, tokenizer.json when the checkpoint has one, manifest.json.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemamba import __version__
+from edgemamba.errors import EdgeMambaError
+
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_CUDA_ARCH = "sm_90"
+
+
+@dataclass(frozen=True)
+class TvmTarget:
+    device: str  # "cpu" or "cuda": where the library runs
+    precisions: tuple[str, ...]
+    make: Callable  # (arch) -> tvm.target.Target
+    cross_cc: str | None = None  # C++ compiler that links the library for another machine
+
+
+def _llvm_host(_arch):
+    from edgemamba.kernels.tvm_common import cpu_target
+
+    return cpu_target()
+
+
+def _llvm_aarch64(_arch):
+    import tvm
+
+    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+
+
+def _cuda(arch):
+    import tvm
+
+    return tvm.target.Target({"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH, "host": {"kind": "llvm"}})
+
+
+TARGETS: dict[str, TvmTarget] = {
+    "tvm-llvm": TvmTarget("cpu", PRECISIONS, _llvm_host),
+    "tvm-aarch64": TvmTarget("cpu", PRECISIONS, _llvm_aarch64, cross_cc="aarch64-linux-gnu-g++"),
+    "tvm-cuda": TvmTarget("cuda", ("fp16", "fp32"), _cuda),
+}
+
+
+def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, arch: str | None = None,
+                    batches=None) -> dict:
+    """model.so (+ cubin) for this spec in out_dir; returns the manifest's "tvm" entry less params."""
+    import tvm
+
+    from edgemamba.kernels.tvm_model import STEP_BATCHES, build_module, relax_pipeline
+
+    tt = TARGETS[target_name]
+    target = tt.make(arch)
+    batches = tuple(batches or STEP_BATCHES)
+    gpu = tt.device == "cuda"
+    mod = build_module(spec, precision, gpu, target, batches)
+    with target:
+        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline())
+    info = {"device": tt.device, "target": json.dumps(target.export(), default=str), "step_batches": list(batches),
+            "library": "model.so", "cubins": {}}
+    if gpu:
+        arch = str(target.attrs["arch"])
+        source = _cuda_source(ex.mod)
+        name = f"kernels.{arch}.cubin"
+        (out_dir / name).write_bytes(nvcc_cubin(source, arch))
+        info["cubins"][name] = hashlib.sha256(source.encode()).hexdigest()
+        info["arch"] = arch
+    if tt.cross_cc and shutil.which(tt.cross_cc) is None:
+        raise EdgeMambaError(f"{target_name} links with {tt.cross_cc}, which is not installed "
+                             "(Debian: apt-get install g++-aarch64-linux-gnu)")
+    kwargs = {"cc": tt.cross_cc} if tt.cross_cc else {}
+    ex.export_library(str(out_dir / "model.so"), **kwargs)
+    return info
+
+
+def _cuda_source(module) -> str:
+    """The CUDA source of the library's device kernels (the one `cuda` module in its import tree)."""
+    stack, found = [module], []
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            found.append(m.inspect_source())
+        stack.extend(m.imports)
+    if len(found) != 1:
+        raise RuntimeError(f"expected one CUDA module in the library, found {len(found)}")
+    return found[0]
+
+
+def nvcc_cubin(source: str, arch: str) -> bytes:
+    if shutil.which("nvcc") is None:
+        raise EdgeMambaError("tvm-cuda compiles its kernels with nvcc, which is not on PATH")
+    with tempfile.TemporaryDirectory() as d:
+        src, out = Path(d) / "kernels.cu", Path(d) / "kernels.cubin"
+        src.write_text(source)
+        proc = subprocess.run(["nvcc", "--cubin", "-O3", f"-arch={arch}", "-o", str(out), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise EdgeMambaError(f"nvcc failed on the generated CUDA kernels: {proc.stderr.strip()[-500:]}")
+        return out.read_bytes()
+
+
+def compile_tvm_artifact(ckpt, dest: Path, target: str, precision: str, force: bool = False, *,
+                         arch: str | None = None, batches=None):
+    """The artifact builder for tvm-* targets (registered in edgemamba.artifact)."""
+    from edgemamba.artifact import (FORMAT, FORMAT_VERSION, MANIFEST, atomic_dir, load_artifact, sha256_file,
+                                    state_bytes)
+    from edgemamba.runtimes.tvm import WEIGHTS, pack_weights, state_specs, write_packed
+
+    if precision not in TARGETS[target].precisions:
+        raise EdgeMambaError(f"precision {precision!r} is not available for target {target!r}; "
+                             f"available: {', '.join(TARGETS[target].precisions)}")
+    spec = ckpt.spec
+    with atomic_dir(dest, force) as tmp:
+        info = compile_library(spec, target, precision, tmp, arch=arch, batches=batches)
+        info["params"] = write_packed(pack_weights(spec, ckpt.weights, precision), tmp / WEIGHTS)
+        files = [tmp / info["library"], tmp / WEIGHTS, *(tmp / c for c in info["cubins"])]
+        tokenizer = None
+        if ckpt.tokenizer_path is not None:
+            shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
+            files.append(tmp / "tokenizer.json")
+            tokenizer = "tokenizer.json"
+        state = [{"name": name, "shape": ["batch", *shape], "dtype": "float32"} for name, shape in state_specs(spec)]
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "edgemamba_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "target": target,
+            "precision": precision,
+            "spec": spec.to_dict(),
+            "spec_hash": spec.spec_hash(),
+            "graphs": {"library": info["library"]},
+            "tokenizer": tokenizer,
+            "io": {"input_ids": {"dtype": "int32", "shape": ["batch", "seq"]},
+                   "logits": {"dtype": "float32", "shape": ["batch", spec.vocab_size]}},
+            "state": state,
+            "state_bytes_per_sequence": state_bytes(state),
+            "tvm": info,
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
+            "source": {"checkpoint": str(ckpt.path) if ckpt.path else None,
+                       "bytes_by_dtype": ckpt.source_bytes_by_dtype},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return load_artifact(dest, verify=False)

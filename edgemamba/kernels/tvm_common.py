@@ -1,0 +1,83 @@
+"""Helpers shared by the TVM TIR kernels (`tvm_gemv`, `tvm_ssm`, `tvm_prefill`)."""
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+
+# State buffers are passed as row views of the runtime's (batch, ...) arrays, which need not start
+# on the 64-byte boundary TVM otherwise assumes (and its CPU code then relies on): declare them
+# with float alignment only.
+STATE_ALIGN = 4
+
+
+def silu_expr(x):
+    """x·sigmoid(x) as x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, not NaN."""
+    return x / (tirx.const(1.0, "float32") + tirx.exp(-x))
+
+
+def softplus_expr(x):
+    """softplus with the usual guard: x itself above 20 (DESIGN.md numerics)."""
+    return tirx.Select(x > tirx.const(20.0, "float32"), x,
+                       tirx.log1p(tirx.exp(tirx.min(x, tirx.const(20.0, "float32")))))
+
+
+def clip_dt_expr(dt, dt_limit: tuple[float, float]):
+    lo, hi = dt_limit
+    if lo > 0.0:
+        dt = tirx.max(dt, tirx.const(lo, "float32"))
+    if np.isfinite(hi):
+        dt = tirx.min(dt, tirx.const(hi, "float32"))
+    return dt
+
+
+def rsum(terms):
+    """Sum of a non-empty list of PrimExprs, left to right."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def lane_reduce(lanes: int):
+    """Macro: sum buf[0] over groups of `lanes` consecutive threads; lane 0 ends with it."""
+
+    @T.macro
+    def reduce(buf):
+        if lanes > 1:
+            for i in T.unroll(int(np.log2(lanes))):
+                buf[0] = buf[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), buf[0], (lanes // 2) >> i,
+                                                          lanes, 32)
+
+    return reduce
+
+
+def vector_width(dtype: str, k: int) -> int:
+    """Elements per 16-byte load of `dtype`, halved until it divides k."""
+    vec = 16 // np.dtype(dtype).itemsize
+    while k % vec:
+        vec //= 2
+    return vec
+
+
+def drop_unused_params(func: tirx.PrimFunc, names: list[str], symbol: str) -> tirx.PrimFunc:
+    """The kernel with only the parameters its body reads or writes, named `symbol`.
+
+    Kernels are written once with every optional input; a static Python flag removes the uses of
+    the ones a variant lacks, and this removes their parameters. `names` is what must remain, in
+    order: a mismatch means the flags and the kernel body disagree."""
+    used = tirx.analysis.undefined_vars(func.body, [])
+    keep = [p for p in func.params if any(p.same_as(u) for u in used)]
+    kept = [p.name for p in keep]
+    assert kept == names, f"{symbol}: kernel uses {kept}, its spec says {names}"
+    return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs).with_attr("global_symbol", symbol)
+
+
+def cpu_target(triple: str | None = None) -> tvm.target.Target:
+    """This machine's CPU (its own instruction set extensions), or a cross target by triple."""
+    if triple is None:
+        from tvm.target import codegen
+
+        return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return tvm.target.Target({"kind": "llvm", "mtriple": triple})

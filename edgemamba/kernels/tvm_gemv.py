@@ -1,0 +1,304 @@
+"""Decode GEMVs as TVM TIR: y = epilogue(W · prologue(x)) for a small static batch.
+
+Every projection of a decode step is one of these, with its neighbours fused in so that a Mamba
+layer is three or four kernel launches:
+
+    in_proj    RMSNorm(h) · W_in, then the causal conv step on the conv channels (state in place)
+    x_proj     plain GEMV
+    out_proj   Mamba-1: h += W_out · y;  Mamba-2: h += W_out · gated_group_norm(y, z)
+    lm_head    RMSNorm(h) · W_head into the logits buffer
+
+RMSNorm costs no separate pass: y_n = Σ_g rstd_g · Σ_{k∈g} (x_k·w_k) W_nk, and the statistics
+Σ x_k² are accumulated in the same loop as the dot products, so the norm weight is applied in the
+prologue and rstd after the reduction. The batch is static and innermost, so each weight is read
+once for every sequence decoded together.
+
+Two lowerings of one contract (`gemv_reference`):
+- GPU: one warp per output row (or two); each lane loads 16 bytes of the row at a time, the lanes
+  reduce with warp shuffles, lane 0 runs the epilogue.
+- CPU: the prologue writes the normalised input once into a scratch row, then rows of W are dot
+  products in parallel, vectorised along K with one accumulator vector per sequence.
+
+Optional inputs (z, norm weight, bias, conv) are parameters only when used: the kernel is written
+with all of them and the unused ones are dropped (`GemvSpec.params` names those that remain).
+"""
+
+
+from dataclasses import dataclass  # no `from __future__ import annotations`: TVMScript reads the real annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+from edgemamba.kernels.tvm_common import STATE_ALIGN, drop_unused_params, rsum, silu_expr, vector_width
+from edgemamba.reference import rms_norm, silu
+
+EPILOGUES = ("store", "residual", "conv")
+NORMS = ("", "rms", "gated")
+
+
+@dataclass(frozen=True)
+class GemvSpec:
+    n: int  # output rows of W (N)
+    k: int  # reduction length (K)
+    batch: int  # sequences decoded together
+    wdtype: str = "float32"
+    x_cols: int = 0  # width of the input buffer (0: k); x is read at columns [x_off, x_off + k)
+    x_off: int = 0
+    norm: str = ""  # "" none; "rms": RMSNorm(x)·w; "gated": Mamba-2's RMSNorm(x·silu(z))·w per group
+    groups: int = 1  # norm groups along K
+    norm_on_x: bool = False  # gated only: statistics of x, then gate (norm_before_gate)
+    z_cols: int = 0  # gated only: width of the z buffer; z read at columns [z_off, z_off + k)
+    z_off: int = 0
+    eps: float = 1e-5
+    bias: bool = False
+    epilogue: str = "store"  # "store": out = y; "residual": out += y; "conv": conv step on rows [conv_lo, conv_hi)
+    conv_lo: int = 0
+    conv_hi: int = 0
+    d_conv: int = 4
+    conv_bias: bool = True
+
+    def __post_init__(self):
+        assert self.epilogue in EPILOGUES and self.norm in NORMS, self
+        assert self.k % self.groups == 0 and (self.norm == "gated" or self.groups == 1), self
+        assert self.x_off + self.k <= self.xw, self
+
+    @property
+    def xw(self) -> int:
+        return self.x_cols or self.k
+
+    @property
+    def n_conv(self) -> int:
+        return self.conv_hi - self.conv_lo
+
+    @property
+    def params(self) -> list[str]:
+        """Names of the kernel's parameters, in order; `out` is the last."""
+        names = ["x"]
+        if self.norm == "gated":
+            names.append("z")
+        if self.norm:
+            names.append("norm_w")
+        names.append("W")
+        if self.bias:
+            names.append("bias")
+        if self.epilogue == "conv":
+            names += ["conv_w", "conv_b"] if self.conv_bias else ["conv_w"]
+            names.append("conv_state")
+        return names + ["out"]
+
+    def name(self) -> str:
+        parts = [f"gemv_{self.n}x{self.k}_b{self.batch}_{self.wdtype}", self.norm, self.epilogue]
+        if self.norm == "gated":
+            parts.append(f"g{self.groups}{'x' if self.norm_on_x else 'u'}")
+        if self.x_off or self.x_cols:
+            parts.append(f"x{self.x_off}of{self.xw}")
+        if self.epilogue == "conv":
+            parts.append(f"c{self.conv_lo}-{self.conv_hi}k{self.d_conv}")
+        return "_".join(p for p in parts if p) + ("_bias" if self.bias else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# the contract, in NumPy
+# ---------------------------------------------------------------------------------------------
+def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, bias=None, conv_w=None, conv_b=None,
+                   conv_state=None, out=None):
+    """Returns out (batch, n); `conv_state` and, for "residual", `out` are updated in place."""
+    u = x[:, s.x_off : s.x_off + s.k].astype(np.float64)  # (b, k)
+    if s.norm == "rms":
+        u = rms_norm(u, norm_w, s.eps)
+    elif s.norm == "gated":
+        gate = silu(z[:, s.z_off : s.z_off + s.k].astype(np.float64))
+        grouped = (u if s.norm_on_x else u * gate).reshape(len(u), s.groups, -1)
+        u = rms_norm(grouped, None, s.eps).reshape(u.shape) * norm_w
+        if s.norm_on_x:
+            u = u * gate
+    y = u @ W.astype(np.float64).T  # (b, n)
+    if s.bias:
+        y = y + bias
+    if s.epilogue == "residual":
+        out += y.astype(out.dtype)
+        return out
+    out = y.astype(np.float32) if out is None else out
+    out[:] = y
+    if s.epilogue == "conv":
+        lo, hi = s.conv_lo, s.conv_hi
+        win = np.concatenate([conv_state, y[:, lo:hi, None]], axis=2)  # (b, C, d_conv)
+        acc = np.sum(win * conv_w, axis=2) + (conv_b if s.conv_bias else 0.0)
+        out[:, lo:hi] = silu(acc)
+        conv_state[:] = win[:, :, 1:]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# TIR
+# ---------------------------------------------------------------------------------------------
+def gemv_kernel(s: GemvSpec, gpu: bool):
+    """The PrimFunc of this GEMV for a GPU or a CPU target; parameters as `s.params`."""
+    f = _gemv_gpu(s) if gpu else _gemv_cpu(s)
+    return drop_unused_params(f, s.params, s.name())
+
+
+def _shapes(s: GemvSpec):
+    B, C = s.batch, max(s.n_conv, 1)
+    return dict(x=(B, s.xw), z=(B, max(s.z_cols, 1)), nw=(s.k,), W=(s.n, s.k), bias=(s.n,),
+                cw=(C, s.d_conv), cb=(C,), cs=(B, C, s.d_conv - 1), out=(B, s.n))
+
+
+def _epilogue(s: GemvSpec):
+    """Macro: the finished dot product `yv` of row n, sequence b, lands in `out`."""
+    lo, hi, KC = s.conv_lo, s.conv_hi, s.d_conv
+
+    def _biased(yv, bias, n):
+        return yv + bias[n] if s.bias else yv
+
+    def _conv_dot(cw, cb, cs, b, c, yv):
+        terms = [cw[c, j] * cs[b, c, j] for j in range(KC - 1)] + [cw[c, KC - 1] * yv]
+        return rsum(terms + [cb[c]] if s.conv_bias else terms)
+
+    @T.macro
+    def epilogue(out, bias, cw, cb, cs, b, n, yv):
+        if s.epilogue == "residual":
+            out[b, n] = out[b, n] + _biased(yv, bias, n)
+        elif s.epilogue == "conv":
+            if lo <= n and n < hi:
+                # window = (conv_state[b, c, :], y): the conv output, then the state shifts left
+                # by one and y enters last
+                out[b, n] = silu_expr(_conv_dot(cw, cb, cs, b, n - lo, _biased(yv, bias, n)))
+                for j in range(KC - 2):
+                    cs[b, n - lo, j] = cs[b, n - lo, j + 1]
+                cs[b, n - lo, KC - 2] = _biased(yv, bias, n)
+            else:
+                out[b, n] = _biased(yv, bias, n)
+        else:
+            out[b, n] = _biased(yv, bias, n)
+
+    return epilogue
+
+
+def _gemv_gpu(s: GemvSpec):
+    B, N, K, G = s.batch, s.n, s.k, s.groups
+    GS = K // G  # channels per norm group
+    VEC = vector_width(s.wdtype, GS)  # W elements per 16-byte load
+    STRIDE = 32 * VEC  # one warp sweeps this many columns per iteration
+    KO = (GS + STRIDE - 1) // STRIDE
+    RW = 2 if N >= 8192 else 1  # rows per warp: more loads in flight for the big matrices
+    TY = 4  # warps per block
+    NBLK = (N + TY * RW - 1) // (TY * RW)
+    sh = _shapes(s)
+    epilogue = _epilogue(s)
+    normed, gated = s.norm != "", s.norm == "gated"
+
+    def combine(acc, ss, r, b):  # y = Σ_g rstd_g · dot_g (ss holds rstd by then)
+        return rsum([acc[r, b, g] * ss[b, g] if normed else acc[r, b, g] for g in range(G)])
+
+    @T.prim_func(private=True)
+    def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
+             W: T.Buffer(sh["W"], s.wdtype), bias: T.Buffer(sh["bias"], "float32"),
+             conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
+             conv_state: T.Buffer(sh["cs"], "float32", align=STATE_ALIGN), out: T.Buffer(sh["out"], "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
+            for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.alloc_buffer((RW, B, G), "float32", scope="local")
+                    ss = T.alloc_buffer((B, G), "float32", scope="local")  # Σ x² per sequence and group
+                    wv = T.alloc_buffer((RW, VEC), s.wdtype, scope="local")
+                    u = T.alloc_buffer((B, VEC), "float32", scope="local")
+                    for r, b, g in T.grid(RW, B, G):
+                        acc[r, b, g] = T.float32(0)
+                    for b, g in T.grid(B, G):
+                        ss[b, g] = T.float32(0)
+                    for g in range(G):
+                        for ko in T.unroll(KO):
+                            if ko * STRIDE + tx * VEC < GS:
+                                for r in range(RW):
+                                    for v in T.vectorized(VEC):  # rows past N re-read row N-1
+                                        wv[r, v] = W[T.min((bx * TY + ty) * RW + r, N - 1),
+                                                     g * GS + ko * STRIDE + tx * VEC + v]
+                                for b in range(B):
+                                    for v in T.vectorized(VEC):
+                                        u[b, v] = x[b, s.x_off + g * GS + ko * STRIDE + tx * VEC + v]
+                                    for v in range(VEC):
+                                        if gated:
+                                            if s.norm_on_x:
+                                                ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
+                                            u[b, v] = u[b, v] * silu_expr(z[b, s.z_off + g * GS + ko * STRIDE + tx * VEC + v])
+                                            if not s.norm_on_x:
+                                                ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
+                                        elif normed:
+                                            ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
+                                        if normed:
+                                            u[b, v] = u[b, v] * norm_w[g * GS + ko * STRIDE + tx * VEC + v]
+                                    for r in range(RW):
+                                        for v in range(VEC):
+                                            acc[r, b, g] = acc[r, b, g] + u[b, v] * T.Cast("float32", wv[r, v])
+                    for i in T.unroll(5):  # warp reduction: lane 0 ends with the sums
+                        for r, b, g in T.grid(RW, B, G):
+                            acc[r, b, g] = acc[r, b, g] + T.tvm_warp_shuffle_down(
+                                T.tvm_warp_activemask(), acc[r, b, g], 16 >> i, 32, 32)
+                        if normed:
+                            for b, g in T.grid(B, G):
+                                ss[b, g] = ss[b, g] + T.tvm_warp_shuffle_down(
+                                    T.tvm_warp_activemask(), ss[b, g], 16 >> i, 32, 32)
+                    if tx == 0:
+                        if normed:
+                            for b, g in T.grid(B, G):
+                                ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
+                        for r in range(RW):
+                            if (bx * TY + ty) * RW + r < N:
+                                for b in range(B):
+                                    epilogue(out, bias, conv_w, conv_b, conv_state, b, (bx * TY + ty) * RW + r,
+                                             combine(acc, ss, r, b))
+
+    return gemv
+
+
+def _gemv_cpu(s: GemvSpec):
+    B, N, K, G = s.batch, s.n, s.k, s.groups
+    GS = K // G
+    VL = 16  # accumulator lanes: one AVX-512 register of float32 (LLVM splits it where narrower)
+    KV = K // VL * VL
+    sh = _shapes(s)
+    epilogue = _epilogue(s)
+    normed, gated = s.norm != "", s.norm == "gated"
+
+    @T.prim_func(private=True)
+    def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
+             W: T.Buffer(sh["W"], s.wdtype), bias: T.Buffer(sh["bias"], "float32"),
+             conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
+             conv_state: T.Buffer(sh["cs"], "float32", align=STATE_ALIGN), out: T.Buffer(sh["out"], "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        u = T.alloc_buffer((B, K), "float32")  # the normalised input, written once
+        ss = T.alloc_buffer((B, G), "float32")
+        for b in range(B):
+            for g in range(G):
+                ss[b, g] = T.float32(0)
+                for i in range(GS):
+                    u[b, g * GS + i] = x[b, s.x_off + g * GS + i]
+                    if gated:
+                        if s.norm_on_x:
+                            ss[b, g] = ss[b, g] + u[b, g * GS + i] * u[b, g * GS + i]
+                        u[b, g * GS + i] = u[b, g * GS + i] * silu_expr(z[b, s.z_off + g * GS + i])
+                    if normed and not (gated and s.norm_on_x):
+                        ss[b, g] = ss[b, g] + u[b, g * GS + i] * u[b, g * GS + i]
+                if normed:
+                    ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
+                    for i in range(GS):
+                        u[b, g * GS + i] = u[b, g * GS + i] * ss[b, g] * norm_w[g * GS + i]
+        for n in T.parallel(N):
+            acc = T.alloc_buffer((B, VL), "float32", scope="local")
+            for b in range(B):
+                for v in T.vectorized(VL):
+                    acc[b, v] = T.float32(0)
+            for ko in range(K // VL):
+                for b in range(B):
+                    for v in T.vectorized(VL):
+                        acc[b, v] = acc[b, v] + u[b, ko * VL + v] * T.Cast("float32", W[n, ko * VL + v])
+            for b in range(B):
+                for i in range(K - KV):
+                    acc[b, 0] = acc[b, 0] + u[b, KV + i] * T.Cast("float32", W[n, KV + i])
+                for v in range(1, VL):
+                    acc[b, 0] = acc[b, 0] + acc[b, v]
+                epilogue(out, bias, conv_w, conv_b, conv_state, b, n, acc[b, 0])
+
+    return gemv

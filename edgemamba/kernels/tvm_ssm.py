@@ -1,0 +1,207 @@
+"""The selective state update of one decode step as TVM TIR, the state updated in place.
+
+    Δ = clip(softplus(dt + dt_bias))      h' = exp(Δ·A)·h + (Δ·x)·B      y = h'·C + D·x
+
+Mamba-1 (per channel c of d_inner): dt = dt_proj · dt_in, with dt_in, B and C from x_proj's output
+`dbc` (Falcon-Mamba first RMS-normalises each of them); y is gated, y·silu(z), here. Mamba-2 (per
+head h and channel p of the head): Δ and A are per head, B and C per group, all read from the
+in_proj output `proj` (z ‖ xBC ‖ dt); the gate goes through the next kernel's gated RMSNorm.
+
+Both read `proj` as the in_proj GEMV leaves it, conv step and silu already applied to the conv
+channels (Mamba-1 x; Mamba-2 xBC).
+
+GPU: one thread per (sequence, channel, lane), each of `lanes` lanes holding d_state/lanes states;
+lanes combine y with warp shuffles. CPU: channels in parallel, one lane holding all the states.
+"""
+
+from dataclasses import dataclass  # no `from __future__ import annotations`: TVMScript reads the real annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+from edgemamba.kernels.tvm_common import (STATE_ALIGN, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr,
+                                          softplus_expr)
+from edgemamba.reference import rms_norm, silu, softplus
+from edgemamba.spec import ModelSpec
+
+THREADS = 128  # GPU threads per block
+
+
+@dataclass(frozen=True)
+class SsmStepSpec:
+    spec: ModelSpec
+    batch: int
+
+    @property
+    def params(self) -> list[str]:
+        if self.spec.arch == "mamba1":
+            return ["proj", "dbc", "dt_w", "dt_bias", "A", "D", "ssm_state", "y"]
+        return ["proj", "dt_bias", "A", "D", "ssm_state", "y"]
+
+    def name(self) -> str:
+        s = self.spec
+        dims = (f"{s.d_inner}x{s.d_state}r{s.dt_rank}" if s.arch == "mamba1"
+                else f"h{s.n_heads}p{s.head_dim}n{s.d_state}g{s.n_groups}")
+        falcon = "_bcdt" if s.bcdt_rms_eps is not None else ""
+        lim = "" if s.dt_limit == (0.0, np.inf) else f"_lim{s.dt_limit[0]:g}-{s.dt_limit[1]:g}"
+        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}"
+
+    def lanes(self, gpu: bool) -> int:
+        """Lanes sharing one channel's states: 4 or 8 states each on a GPU, all of them on a CPU."""
+        n = self.spec.d_state
+        per_lane = 4 if self.spec.arch == "mamba1" else 8
+        return max(1, min(32, n // per_lane)) if gpu and n % per_lane == 0 else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the contract, in NumPy
+# ---------------------------------------------------------------------------------------------
+def ssm_step_reference(k: SsmStepSpec, proj, ssm_state, *, dbc=None, dt_w=None, dt_bias, A, D):
+    """Returns y (batch, d_inner); `ssm_state` is updated in place."""
+    s = k.spec
+    e, n = s.d_inner, s.d_state
+    if s.arch == "mamba1":
+        r = s.dt_rank
+        dt_in, B, C = dbc[:, :r], dbc[:, r : r + n], dbc[:, r + n : r + 2 * n]
+        if s.bcdt_rms_eps is not None:
+            dt_in, B, C = (rms_norm(v, None, s.bcdt_rms_eps) for v in (dt_in, B, C))
+        dt = dt_in @ dt_w.T  # (b, e)
+    else:
+        dt = proj[:, e + s.conv_dim :]  # (b, H)
+        B = proj[:, 2 * e : 2 * e + s.n_groups * n]
+        C = proj[:, 2 * e + s.n_groups * n : 2 * e + 2 * s.n_groups * n]
+    y, ssm_state[:] = selective_update(s, ssm_state, proj, dt, B, C, dt_bias=dt_bias, A=A, D=D)
+    return y
+
+
+def selective_update(s: ModelSpec, h, proj, dt, B, C, *, dt_bias, A, D):
+    """One step for a batch of rows: h (b, ...) the state, proj the in_proj output after the conv,
+    dt before bias and softplus (Mamba-1 (b, e), Mamba-2 (b, H)), B and C (b, G·n).
+    Returns y (b, d_inner) (Mamba-1 gated by silu(z), Mamba-2 not) and the new state."""
+    e, n = s.d_inner, s.d_state
+    delta = np.clip(softplus(dt + dt_bias), *s.dt_limit)
+    x = proj[:, e : 2 * e] if s.arch == "mamba2" else proj[:, :e]
+    if s.arch == "mamba1":
+        h = np.exp(delta[:, :, None] * A) * h + (delta * x)[:, :, None] * B[:, None, :]  # (b, e, n)
+        return (np.einsum("ben,bn->be", h, C) + D * x) * silu(proj[:, e : 2 * e]), h
+    b, H, P, G = len(proj), s.n_heads, s.head_dim, s.n_groups
+    x = x.reshape(b, H, P)
+    B = np.repeat(B.reshape(b, G, n), H // G, axis=1)  # (b, H, n): head k reads group k // (H/G)
+    C = np.repeat(C.reshape(b, G, n), H // G, axis=1)
+    h = np.exp(delta * A)[:, :, None, None] * h + (delta[:, :, None] * x)[..., None] * B[:, :, None, :]
+    y = np.einsum("bhpn,bhn->bhp", h, C) + D[:, None] * x
+    return y.reshape(b, e), h
+
+
+# ---------------------------------------------------------------------------------------------
+# TIR
+# ---------------------------------------------------------------------------------------------
+def ssm_step_kernel(k: SsmStepSpec, gpu: bool):
+    f = _mamba1(k, gpu) if k.spec.arch == "mamba1" else _mamba2(k, gpu)
+    return drop_unused_params(f, k.params, k.name())
+
+
+def _rsqrt_mean_sq(buf, b, lo, n, eps):
+    from tvm import tirx
+
+    return tirx.rsqrt(rsum([buf[b, lo + i] * buf[b, lo + i] for i in range(n)]) / np.float32(n) + np.float32(eps))
+
+
+def _mamba1(k: SsmStepSpec, gpu: bool):
+    s = k.spec
+    Bt, e, n, r = k.batch, s.d_inner, s.d_state, s.dt_rank
+    NL = k.lanes(gpu)
+    SPL = n // NL  # states per lane
+    falcon = s.bcdt_rms_eps is not None
+    eps = s.bcdt_rms_eps or 0.0
+    NT = Bt * e * NL  # threads: (sequence, channel, lane)
+    NB = (NT + THREADS - 1) // THREADS
+    reduce = lane_reduce(NL)
+
+    def scale(dbc, b, lo, width):
+        return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
+
+    @T.macro
+    def body(t, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y):
+        b, c, lane = t // NL // e, t // NL % e, t % NL  # t = (b · e + c) · NL + lane
+        dt = T.alloc_buffer((1,), "float32", scope="local")
+        acc = T.alloc_buffer((1,), "float32", scope="local")
+        h = T.alloc_buffer((SPL,), "float32", scope="local")
+        dt[0] = T.float32(0)
+        for j in range(r):
+            dt[0] = dt[0] + dbc[b, j] * dt_w[c, j]
+        dt[0] = clip_dt_expr(softplus_expr(dt[0] * scale(dbc, b, 0, r) + dt_bias[c]), s.dt_limit)
+        acc[0] = T.float32(0)
+        for i in range(SPL):
+            h[i] = (T.exp(dt[0] * A[c, lane * SPL + i]) * ssm_state[b, c, lane * SPL + i]
+                    + dt[0] * proj[b, c] * dbc[b, r + lane * SPL + i] * scale(dbc, b, r, n))
+            ssm_state[b, c, lane * SPL + i] = h[i]
+            acc[0] = acc[0] + h[i] * dbc[b, r + n + lane * SPL + i] * scale(dbc, b, r + n, n)
+        reduce(acc)
+        if lane == 0:
+            y[b, c] = (acc[0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c])
+
+    @T.prim_func(private=True)
+    def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
+                 dt_w: T.Buffer((e, r), "float32"), dt_bias: T.Buffer((e,), "float32"),
+                 A: T.Buffer((e, n), "float32"), D: T.Buffer((e,), "float32"),
+                 ssm_state: T.Buffer((Bt, e, n), "float32", align=STATE_ALIGN), y: T.Buffer((Bt, e), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        if gpu:
+            for bx in T.thread_binding(NB, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    if bx * THREADS + tx < NT:
+                        body(bx * THREADS + tx, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
+        else:
+            for t in T.parallel(NT):
+                body(t, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
+
+    return ssm_step
+
+
+def _mamba2(k: SsmStepSpec, gpu: bool):
+    s = k.spec
+    Bt, e, n, H, P, G = k.batch, s.d_inner, s.d_state, s.n_heads, s.head_dim, s.n_groups
+    NI = s.in_proj_dim
+    HPG = H // G  # heads per group
+    NL = k.lanes(gpu)
+    SPL = n // NL
+    XO, BO, CO, DTO = e, 2 * e, 2 * e + G * n, e + s.conv_dim  # column offsets in proj
+    NT = Bt * e * NL  # threads: (sequence, channel, lane)
+    NB = (NT + THREADS - 1) // THREADS
+    reduce = lane_reduce(NL)
+
+    @T.macro
+    def body(t, proj, dt_bias, A, D, ssm_state, y):
+        # t = (b · e + c) · NL + lane, channel c = head · P + p; the head's group g reads B and C
+        b, c, lane = t // NL // e, t // NL % e, t % NL
+        hd, g = c // P, c // P // HPG
+        dt = T.alloc_buffer((1,), "float32", scope="local")
+        acc = T.alloc_buffer((1,), "float32", scope="local")
+        h = T.alloc_buffer((SPL,), "float32", scope="local")
+        dt[0] = clip_dt_expr(softplus_expr(proj[b, DTO + hd] + dt_bias[hd]), s.dt_limit)
+        acc[0] = T.float32(0)
+        for i in range(SPL):
+            h[i] = (T.exp(dt[0] * A[hd]) * ssm_state[b, hd, c % P, lane * SPL + i]
+                    + dt[0] * proj[b, XO + c] * proj[b, BO + g * n + lane * SPL + i])
+            ssm_state[b, hd, c % P, lane * SPL + i] = h[i]
+            acc[0] = acc[0] + h[i] * proj[b, CO + g * n + lane * SPL + i]
+        reduce(acc)
+        if lane == 0:
+            y[b, c] = acc[0] + D[hd] * proj[b, XO + c]
+
+    @T.prim_func(private=True)
+    def ssm_step(proj: T.Buffer((Bt, NI), "float32"), dt_bias: T.Buffer((H,), "float32"),
+                 A: T.Buffer((H,), "float32"), D: T.Buffer((H,), "float32"),
+                 ssm_state: T.Buffer((Bt, H, P, n), "float32", align=STATE_ALIGN), y: T.Buffer((Bt, e), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        if gpu:
+            for bx in T.thread_binding(NB, thread="blockIdx.x"):
+                for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    if bx * THREADS + tx < NT:
+                        body(bx * THREADS + tx, proj, dt_bias, A, D, ssm_state, y)
+        else:
+            for t in T.parallel(NT):
+                body(t, proj, dt_bias, A, D, ssm_state, y)
+
+    return ssm_step
