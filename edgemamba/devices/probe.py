@@ -63,7 +63,7 @@ def measure_read_bandwidth(nbytes: int, repeats: int = 5) -> float:
     return w.nbytes / _median_seconds(lambda: w @ x, repeats)
 
 
-def measure_fp32_flops(m: int = 256, n: int = 2048, repeats: int = 5, threads: int | None = None) -> float:
+def measure_fp32_flops(m: int = 256, n: int = 2048, repeats: int = 9, threads: int | None = None) -> float:
     """Ops/s of an ONNX Runtime float32 MatMul (m, n) · (n, n): one prefill chunk's projection."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -217,7 +217,7 @@ def probe_cpu(threads: int | None = None) -> Processor:
     bandwidth = measure_read_bandwidth(bandwidth_bytes)
     fp32 = measure_fp32_flops(threads=threads)
     flags = _cpu_flags()
-    peak = {"fp32": Figure(fp32, "measured: ONNX Runtime float32 MatMul 256×2048 · 2048×2048, median of 5")}
+    peak = {"fp32": Figure(fp32, "measured: ONNX Runtime float32 MatMul 256×2048 · 2048×2048, median of 9")}
     if flags & {"avx512_vnni", "avx_vnni", "asimddp"}:
         peak["int8"] = est(4 * fp32, "4× the measured fp32 rate (int8 dot-product instructions present)")
     if flags & {"avx512_fp16", "asimdhp"}:
