@@ -258,13 +258,11 @@ def probe_gpu() -> Processor | None:
         return start.elapsed_time(stop) / 1e3 / repeats
 
     bandwidth = 2 * buf.numel() / timed(lambda: dst.copy_(buf))  # read + write
-    del buf, dst
     n = 8192
-    a = torch.ones((n, n), dtype=torch.float16, device="cuda")
-    fp16 = 2.0 * n**3 / timed(lambda: a @ a)
-    a = a.float()
-    fp32 = 2.0 * n**3 / timed(lambda: a @ a)
-    del a
+    half = torch.ones((n, n), dtype=torch.float16, device="cuda")
+    fp16 = 2.0 * n**3 / timed(lambda: half @ half)
+    single = half.float()
+    fp32 = 2.0 * n**3 / timed(lambda: single @ single)
     measured = "measured: torch on the GPU"
     memory = Figure(float(total), "measured: cudaMemGetInfo total")
     return Processor(
