@@ -45,12 +45,14 @@ def compile_all(ckpt: Path, out: Path, calib: Path) -> dict[str, Path]:
     return arts
 
 
-def naive_dynamic(fp32_art: Path, out: Path) -> Path:
-    """ORT's quantize_dynamic (int8 weights, dynamic per-tensor uint8 activations) on our fp32 step graph."""
+def naive_dynamic(ckpt: Path, out: Path) -> Path:
+    """ORT's quantize_dynamic (int8 weights, dynamic per-tensor uint8 activations) on the plain
+    exported fp32 step graph (`edgemamba export`: standard ONNX, what a user would hand it)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    cli("export", ckpt, "-o", out / "export", "--force")
     path = out / "naive_step.onnx"
-    quantize_dynamic(str(fp32_art / "step.onnx"), str(path), weight_type=QuantType.QInt8,
+    quantize_dynamic(str(out / "export" / "step.onnx"), str(path), weight_type=QuantType.QInt8,
                      use_external_data_format=True)
     return path
 
@@ -92,7 +94,7 @@ def accuracy(tokens: int, work: Path) -> list[dict]:
         print(f"{p}: top-1 {r['top1_agreement']:.4f} ppl {r['ppl_increase']:+.3%}", flush=True)
     ck = load_checkpoint(ckpt)
     ref, _ = Reference(ck).forward(ids[None])
-    naive = compare_logits(ref[0], score_graph(naive_dynamic(arts["fp32"], work), ck.spec, ids), ids)
+    naive = compare_logits(ref[0], score_graph(naive_dynamic(ckpt, work), ck.spec, ids), ids)
     naive["name"] = "ORT quantize_dynamic (naive int8)"
     naive["passed"] = None
     rows.append(naive)
@@ -109,10 +111,9 @@ def speed(repeats: int, threads: int, work: Path) -> tuple[list[dict], dict]:
     arts = compile_all(ckpt, work / "m130", calib)
     from edgemamba.artifact import load_artifact
 
-    naive = naive_dynamic(arts["fp32"], work)
+    naive = naive_dynamic(ckpt, work / "naive130")
     sizes = {p: sum(f["bytes"] for f in load_artifact(a, verify=False).manifest["files"].values()) for p, a in arts.items()}
-    sizes["naive"] = sum(f.stat().st_size for f in work.glob("naive_step.onnx*")) + sum(
-        f.stat().st_size for f in work.iterdir() if f.suffix == ".data")
+    sizes["naive"] = sum(f.stat().st_size for f in (work / "naive130").iterdir() if f.is_file())
     times: dict[str, list[float]] = {p: [] for p in (*PRECISIONS, "naive")}
     rss: dict[str, list[float]] = {p: [] for p in PRECISIONS}
     for r in range(repeats):

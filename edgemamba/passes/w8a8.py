@@ -50,7 +50,8 @@ class RotateOutProj(GraphPass):
             k = hadamard_block(e, self.block_cap)
             h = self.add_initializer(graph, self.shared_tensor(f"hadamard.{k}", lambda: hadamard(k)))
             name = node.inputs[1].name
-            rotated = self.shared_tensor(name + ".rotated", lambda: np.einsum(
+            # the rotated weight keeps the weight's name: later passes know it as layers.{i}.out_proj
+            rotated = self.shared_tensor(name, lambda: np.einsum(
                 "ij,gjd->gid", hadamard(k), w.reshape(e // k, k, -1)).reshape(e, -1))
             consts = [ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(np.array(s, np.int64)))])
                       for s in ([0, 0, e // k, k], [0, 0, e])]
@@ -59,6 +60,7 @@ class RotateOutProj(GraphPass):
             flat = ir.Node("", "Reshape", [mixed.outputs[0], consts[1].outputs[0]])
             graph.insert_before(node, [*consts, grouped, mixed, flat])
             node.replace_input_with(0, flat.outputs[0])
+            graph.initializers.pop(name)  # the unrotated weight (its only use is this MatMul)
             node.replace_input_with(1, self.add_initializer(graph, rotated))
             modified = True
         if modified:
