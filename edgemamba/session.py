@@ -25,6 +25,7 @@ from edgemamba.sampling import Sampler, SamplingParams
 
 STATE_FORMAT = "edgemamba-state"
 STATE_VERSION = "2"  # 2: the metadata carries a checksum of the tensors and the position
+_BUSY = "this Session is in use by another thread; give each thread its own Session"
 
 
 class Session:
@@ -52,10 +53,11 @@ class Session:
         # A Session's buffers are not shareable; concurrent use is refused, never silently mixed.
         # Steps from another thread are refused too while a generate() is unfinished: they would
         # slip between its tokens and change its state.
-        owner = self._streaming_in
-        if (owner is not None and owner != threading.get_ident()) or not self._lock.acquire(blocking=False):
-            raise EdgeMambaError("this Session is in use by another thread; give each thread its own Session")
+        if not self._lock.acquire(blocking=False):
+            raise EdgeMambaError(_BUSY)
         try:
+            if self._streaming_in not in (None, threading.get_ident()):  # read under the lock: no race
+                raise EdgeMambaError(_BUSY)
             yield
         finally:
             self._lock.release()
