@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -42,6 +43,11 @@ def _builders() -> dict:
 
 # target -> precisions it can build now. Looked up, never branched on.
 TARGETS: dict[str, tuple[str, ...]] = _targets()
+
+# Targets whose artifacts add files built from the saved graphs (TensorRT: an engine per graph):
+# target -> module with `check()` (refuses before any work) and
+# `compile_engines(out_dir, spec, precision, graph files) -> (files, manifest entries)`.
+_GRAPH_BUILDERS = {"tensorrt": "edgemamba.runtimes.tensorrt"}
 
 
 def sha256_file(path: Path) -> str:
@@ -146,18 +152,25 @@ def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", prec
                      force: bool = False, recipe=None, calib_ids=None, **options) -> Artifact:
     """`options` go to targets with their own builder (tvm-cuda: arch="sm_87")."""
     from edgemamba.export import GRAPHS, build_graphs, save_graphs, state_shapes
-    from edgemamba.passes.pipelines import build_pipeline
+    from edgemamba.passes.pipelines import PIPELINES, build_pipeline
 
     check_target(target, precision)
     if target in _builders():
         return _builders()[target][1](ckpt, dest, target, precision, force, **options)
+    engines = importlib.import_module(_GRAPH_BUILDERS[target]) if target in _GRAPH_BUILDERS else None
+    if engines is not None:
+        engines.check()
     spec = ckpt.spec
     run_pipeline, describe = build_pipeline(target, precision, recipe, calib_ids)
     with atomic_dir(dest, force) as tmp:
-        models = build_graphs(ckpt)
+        models = build_graphs(ckpt, PIPELINES[(target, precision)].ops)
         modified = run_pipeline(models)
         pipeline = {**describe(), "modified": modified}
         files = save_graphs(models, tmp)
+        built = {}
+        if engines is not None:
+            engine_files, built = engines.compile_engines(tmp, spec, precision, files)
+            files.update(engine_files)
         tokenizer = None
         if ckpt.tokenizer_path is not None:
             shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
@@ -189,6 +202,7 @@ def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", prec
             "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files.values()},
             "source": {"checkpoint": str(ckpt.path) if ckpt.path else None,
                        "bytes_by_dtype": ckpt.source_bytes_by_dtype},
+            **built,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return load_artifact(dest, verify=False)

@@ -15,6 +15,9 @@ run over the whole chunk at once; only the elementwise state recurrence runs as 
 over the chunk inside the graph (one graph call per chunk, never one per token). `step` calls the
 same update function once, so the two graphs cannot drift apart.
 
+For a target whose backend runs edgemamba's fused ops (`ops`, see edgemamba.passes.fuse), the conv
+step and the SSM update are emitted as those ops instead (domain `edgemamba`); the rest is shared.
+
 Both graphs reference one external weights file (`weights.bin`), written once.
 """
 
@@ -29,6 +32,7 @@ from onnx_ir.passes.common import NameFixPass
 from onnx_ir.tape import Tape
 
 from edgemamba.checkpoint import Checkpoint
+from edgemamba.passes import fuse
 from edgemamba.spec import ModelSpec
 
 OPSET = 18
@@ -53,9 +57,10 @@ def state_shapes(spec: ModelSpec, batch: int | str = "batch") -> dict[str, tuple
 # ---------------------------------------------------------------------------------------------
 # weights in export layout
 # ---------------------------------------------------------------------------------------------
-def export_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+def export_weights(ckpt: Checkpoint, ops: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Canonical weights rearranged for the graphs: linear weights transposed to (in, out),
-    A = -exp(A_log) folded once, Mamba-2's per-head D and A shaped for broadcasting."""
+    A = -exp(A_log) folded once, Mamba-2's per-head D and A shaped for broadcasting (or kept per
+    head, the fused ops' layout, when `ops` fuses the SSM)."""
     s, w = ckpt.spec, ckpt.weights
     out = {"embedding": w["embedding"], "norm_f": w["norm_f"]}
     if not s.tie_embeddings:
@@ -76,6 +81,9 @@ def export_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
             out[p + "dt_proj.T"] = w[p + "dt_proj"].T
             out[p + "A"] = A  # (d_inner, d_state)
             out[p + "D"] = w[p + "D"]  # (d_inner,)
+        elif ops & fuse.SSM_OPS:  # the fused ops take them per head
+            out[p + "A"], out[p + "D"] = A, w[p + "D"]  # (H,) each
+            out[p + "gate_norm"] = w[p + "gate_norm"]
         else:
             hpg = s.n_heads // s.n_groups
             out[p + "A"] = A.reshape(s.n_groups, hpg, 1, 1)  # broadcasts over (b, G, H/G, P, N)
@@ -92,6 +100,7 @@ class _Ctx:
     tape: Tape
     spec: ModelSpec
     w: dict[str, ir.Value]
+    ops: frozenset[str] = frozenset()  # fused ops the target's backend runs (edgemamba.passes.fuse)
 
     def op(self, op_type, *inputs, **attrs):
         return self.tape.op(op_type, list(inputs), attributes=attrs or None)
@@ -120,6 +129,8 @@ def _linear(c: _Ctx, x, name: str):
 def _causal_conv(c: _Ctx, x, past, p: str, step: bool):
     """x (b, t, C), past (b, C, K-1) -> silu(conv) (b, t, C), present (b, C, K-1)."""
     s = c.spec
+    if step and fuse.CONV_STEP in c.ops:
+        return fuse.conv_step(c, x, past, p)
     xin = c.op("Concat", past, c.op("Transpose", x, perm=[0, 2, 1]), axis=2)  # (b, C, K-1+t)
     present = c.op("Slice", xin, c.const([-(s.d_conv - 1)]), c.const([np.iinfo(np.int64).max]), c.const([2]))
     weight = c.w[p + "conv_weight"]  # (C, K)
@@ -180,25 +191,43 @@ def _mixer(c: _Ctx, i: int, hn, conv_past, ssm_past, step: bool):
             attributes={"axis": 2}, num_outputs=3)
         if s.bcdt_rms_eps is not None:  # Falcon-Mamba normalises Δ, B and C (no weights)
             dt_in, B, C = (_rms_norm(c, v, None, s.bcdt_rms_eps) for v in (dt_in, B, C))
-        dt = c.op("Add", c.op("MatMul", dt_in, c.w[p + "dt_proj.T"]), c.w[p + "dt_bias"])  # (b, t, e)
-        dt = _clip_dt(c, c.op("Softplus", dt))
+        dt_raw = c.op("MatMul", dt_in, c.w[p + "dt_proj.T"])  # (b, t, e), before dt_bias
+    else:
+        g = s.n_groups
+        x, B, C = c.tape.op_multi_out(
+            "Split", [x, c.const([e, g * n, g * n])], attributes={"axis": 2}, num_outputs=3)  # x (b, t, e)
+    if fuse.SSM_OPS & c.ops:  # the target's kernel: the update, D·x and Mamba-1's z gate in one node
+        y, ssm_present = fuse.selective_ssm(c, p, x, dt_raw, B, C, z if s.arch == "mamba1" else None, ssm_past, step)
+    else:
+        y, ssm_present = _ssm(c, p, x, dt_raw, B, C, ssm_past, step)
+        y = c.op("Add", y, c.op("Mul", x, c.w[p + "D"]))
+        if s.arch == "mamba1":
+            y = c.op("Mul", y, _silu(c, z))
+    if s.arch == "mamba2":
+        y = _gated_norm(c, y, z, c.w[p + "gate_norm"])
+    return _linear(c, y, p + "out_proj"), conv_present, ssm_present
+
+
+def _ssm(c: _Ctx, p: str, x, dt_raw, B, C, ssm_past, step: bool):
+    """The selective state update in standard ops: x (b, t, e), dt_raw before dt_bias, B, C (b, t, G·N)
+    -> y = h·C (b, t, e) without the D term, and the new state."""
+    s = c.spec
+    e, n = s.d_inner, s.d_state
+    dt = _clip_dt(c, c.op("Softplus", c.op("Add", dt_raw, c.w[p + "dt_bias"])))  # (b, t, e | H)
+    if s.arch == "mamba1":
         xs = [c.op("Unsqueeze", v, c.const([-1])) for v in (dt, c.op("Mul", dt, x))]  # (b, t, e, 1)
         B = c.op("Unsqueeze", B, c.const([2]))  # (b, t, 1, n)
         C = c.op("Unsqueeze", C, c.const([-1]))  # (b, t, n, 1)
         h0, y_shape, from_state = ssm_past, c.const([0, 0, e]), None
     else:
         g, hpg, hd = s.n_groups, s.n_heads // s.n_groups, s.head_dim
-        xh, B, C = c.tape.op_multi_out(
-            "Split", [x, c.const([e, g * n, g * n])], attributes={"axis": 2}, num_outputs=3)
-        dt = _clip_dt(c, c.op("Softplus", c.op("Add", dt_raw, c.w[p + "dt_bias"])))  # (b, t, H)
         dt6 = c.op("Reshape", dt, c.const([0, 0, g, hpg, 1, 1]))
-        x6 = c.op("Reshape", xh, c.const([0, 0, g, hpg, hd, 1]))
+        x6 = c.op("Reshape", x, c.const([0, 0, g, hpg, hd, 1]))
         xs = [dt6, c.op("Mul", dt6, x6)]
         B = c.op("Reshape", B, c.const([0, 0, g, 1, 1, n]))
         C = c.op("Reshape", C, c.const([0, 0, g, 1, n, 1]))
         from_state = c.const([0, s.n_heads, hd, n])
         h0, y_shape = c.op("Reshape", ssm_past, c.const([0, g, hpg, hd, n])), c.const([0, 0, e])
-        x = xh
 
     A = c.w[p + "A"]
     if step:  # the same update, once, on the squeezed seq axis
@@ -208,13 +237,7 @@ def _mixer(c: _Ctx, i: int, hn, conv_past, ssm_past, step: bool):
     else:
         h_last, y = _scan(c, A, *xs, B, C, h0)
     ssm_present = h_last if from_state is None else c.op("Reshape", h_last, from_state)
-    y = c.op("Reshape", y, y_shape)  # (b, t, e)
-    y = c.op("Add", y, c.op("Mul", x, c.w[p + "D"]))
-    if s.arch == "mamba1":
-        y = c.op("Mul", y, _silu(c, z))
-    else:
-        y = _gated_norm(c, y, z, c.w[p + "gate_norm"])
-    return _linear(c, y, p + "out_proj"), conv_present, ssm_present
+    return c.op("Reshape", y, y_shape), ssm_present  # (b, t, e)
 
 
 def _clip_dt(c: _Ctx, dt):
@@ -233,13 +256,15 @@ def _gated_norm(c: _Ctx, y, z, weight):
     return c.op("Mul", y, _silu(c, z)) if s.norm_before_gate else y
 
 
-def build_graph(spec: ModelSpec, weights: dict[str, ir.TensorProtocol], kind: str) -> ir.Model:
-    """The `step` or `prefill` graph for this spec, with the given initializer tensors."""
+def build_graph(spec: ModelSpec, weights: dict[str, ir.TensorProtocol], kind: str,
+                ops: frozenset[str] = frozenset()) -> ir.Model:
+    """The `step` or `prefill` graph for this spec, with the given initializer tensors (laid out by
+    `export_weights` for the same `ops`), emitting the fused ops in `ops` (edgemamba.passes.fuse)."""
     assert kind in GRAPHS
     step = kind == "step"
     tape = Tape()
     w = {name: tape.initializer(t, name=name) for name, t in weights.items()}
-    c = _Ctx(tape, spec, w)
+    c = _Ctx(tape, spec, w, ops)
     ids = ir.val("input_ids", ir.DataType.INT64, ["batch", 1 if step else "seq"])
     shapes = state_shapes(spec)
     past = {k: ir.val(f"past_{k.split('.')[0]}_state.{k.split('.')[1]}", ir.DataType.FLOAT, v) for k, v in shapes.items()}
@@ -264,17 +289,20 @@ def build_graph(spec: ModelSpec, weights: dict[str, ir.TensorProtocol], kind: st
         v.type, v.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(list(shapes[k]))
         outputs.append(v)
     inputs = [ids] + [past[k] for k in shapes]
+    opsets = {"": OPSET, **({fuse.DOMAIN: fuse.DOMAIN_VERSION} if ops else {})}
     graph = ir.Graph(inputs, outputs, nodes=tape.nodes, initializers=tape.initializers,
-                     opset_imports={"": OPSET}, name=f"edgemamba_{spec.arch}_{kind}")
+                     opset_imports=opsets, name=f"edgemamba_{spec.arch}_{kind}")
     model = ir.Model(graph, ir_version=9, producer_name="edgemamba")
     NameFixPass()(model)  # unique value names across the main graph and the Scan bodies (SSA)
     return model
 
 
-def build_graphs(ckpt: Checkpoint) -> dict[str, ir.Model]:
-    """Both graphs, with in-memory initializers shared by name (passes run on these)."""
-    tensors = {name: ir.tensor(arr, name=name) for name, arr in export_weights(ckpt).items()}
-    return {kind: build_graph(ckpt.spec, tensors, kind) for kind in GRAPHS}
+def build_graphs(ckpt: Checkpoint, ops: frozenset[str] = frozenset()) -> dict[str, ir.Model]:
+    """Both graphs, with in-memory initializers shared by name (passes run on these). `ops`: the
+    fused ops the target's backend runs (a pipeline's `ops`); none gives standard ONNX only."""
+    fuse.check_ops(ops)
+    tensors = {name: ir.tensor(arr, name=name) for name, arr in export_weights(ckpt, ops).items()}
+    return {kind: build_graph(ckpt.spec, tensors, kind, ops) for kind in GRAPHS}
 
 
 def save_graphs(models: dict[str, ir.Model], out_dir: Path) -> dict[str, Path]:

@@ -1,27 +1,36 @@
-"""TensorRT engines with the fused-op plugins, built ahead of time (no GPU needed with TensorRT-RTX).
+"""The TensorRT target: engines with the fused-op plugins, built ahead of time, and the backend.
 
-Small Mamba-1 and Mamba-2 step and prefill graphs that hold the contract's custom ops
-(SelectiveStateUpdate, SelectiveScan, CausalConv1dStep) among standard ops go through TensorRT's
-ONNX parser and builder, with optimization profiles for the batch (step) and the chunk length
-(prefill), in float32 and float16. A build fails if the parser leaves any node unmapped or an
-edgemamba node does not become a plugin layer. Engines are built, not run: running them needs
-TensorRT on a GPU it supports (TensorRT-RTX refuses compute capability 9.0, the GPU machine's).
+- Engines (need `tensorrt` or `tensorrt_rtx`; TensorRT-RTX builds on a machine without a GPU):
+  hand-made Mamba-1/Mamba-2 layer graphs with the contract's custom ops (SelectiveStateUpdate,
+  SelectiveScan, CausalConv1dStep), and whole models through `edgemamba compile --target tensorrt`,
+  with optimization profiles for the batch (step) and the chunk length (prefill). A build fails if
+  the parser leaves any node unmapped or an edgemamba node does not become a plugin layer.
+- The backend (no TensorRT, no GPU): TrtBackend's binding, ping-pong, per-row prefill and state
+  access run on the CPU over stand-in engines whose contexts execute the fused graph (onnx.reference
+  with the ops' NumPy references) at the addresses the backend binds, against the model oracle.
+Engines are built, never run here: running them needs TensorRT on a GPU it supports (TensorRT-RTX
+refuses compute capability 9.0, the GPU machine's), and no machine here has one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgemamba.errors import EdgeMambaError
 
 HAVE_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
-pytestmark = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx is installed "
-                                                     "(pip install tensorrt-rtx==1.7.1.116)")
+needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="neither tensorrt nor tensorrt_rtx is installed "
+                                                    "(pip install tensorrt-rtx==1.7.1.116)")
 
 D_MODEL, D_CONV, MAX_BATCH, MAX_CHUNK = 16, 4, 8, 512
 ARCHS = {  # sizes of a small layer
@@ -133,6 +142,7 @@ def layer_graph(arch: str, kind: str, act) -> tuple[onnx.ModelProto, list[dict]]
     return model, profiles
 
 
+@needs_trt
 @pytest.mark.parametrize("act", ["fp32", "fp16"])
 @pytest.mark.parametrize("kind", ["step", "prefill"])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -152,6 +162,7 @@ def test_engine_builds_with_every_node_mapped(tmp_path, arch, kind, act):
     assert sorted(report["plugin_attrs"], key=str) == sorted(expected, key=str)
 
 
+@needs_trt
 def test_plugin_attributes_come_from_the_node(tmp_path):
     """Non-default attributes (a clamped Δ, no conv activation) reach the plugins."""
     from edgemamba.runtimes.tensorrt import build_engine
@@ -170,6 +181,7 @@ def test_plugin_attributes_come_from_the_node(tmp_path):
          {"op": "SelectiveStateUpdate", "dt_softplus": 0, "dt_min": 0.25, "dt_max": 0.5}], key=str)
 
 
+@needs_trt
 def test_unmapped_custom_node_fails_the_build(tmp_path):
     """A node no plugin serves (here a misspelled op) must fail the build, naming it."""
     from edgemamba.runtimes.tensorrt import build_engine
@@ -181,14 +193,237 @@ def test_unmapped_custom_node_fails_the_build(tmp_path):
         build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", profiles)
 
 
-def test_engines_build_from_the_fused_export(tmp_path):
-    """HOOK for the fusion pass (issue 8): when edgemamba/passes emits these ops into the exported
-    step and prefill graphs, build engines from those graphs here (small Mamba-1 and Mamba-2 models,
-    e.g. tests/test_cuda_kernels.random_checkpoint), with the profiles used above."""
-    passes = importlib.util.find_spec("edgemamba.passes.fuse")
-    if passes is None:
-        pytest.skip("the fusion pass (edgemamba.passes.fuse) has not landed: the hand-built graphs above stand in")
-    pytest.fail("edgemamba.passes.fuse exists: wire it into this test (export, fuse, build_engine)")
+# ---------------------------------------------------------------------------------------------
+# whole models: edgemamba compile --target tensorrt
+# ---------------------------------------------------------------------------------------------
+_TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64}
+
+
+class FakeEngine:
+    """Stands in for an ICudaEngine: the I/O (in the build report's form) and profile TensorRT
+    reports. Its execution contexts run `run(feeds) -> {output: array}` on the memory at the
+    addresses bound to them, as an engine would."""
+
+    def __init__(self, io: dict, profile: dict, run=None):
+        self.io, self.profile, self.run = io, profile, run
+        self.num_io_tensors = len(io)
+
+    def get_tensor_name(self, i):
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, name):
+        return SimpleNamespace(name="INPUT" if self.io[name]["input"] else "OUTPUT")
+
+    def get_tensor_dtype(self, name):
+        return SimpleNamespace(name=self.io[name]["dtype"])
+
+    def get_tensor_shape(self, name):
+        return tuple(self.io[name]["shape"])
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        return self.profile[name]
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.profile[name]
+        assert all(a <= d <= b for a, d, b in zip(lo, shape, hi)), (name, shape, "outside the profile")
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def _at(self, name, shape) -> np.ndarray:
+        dtype = np.dtype(_TRT_DTYPES[self.engine.io[name]["dtype"]])
+        memory = (ctypes.c_char * (int(np.prod(shape)) * dtype.itemsize)).from_address(self.addresses[name])
+        return np.frombuffer(memory, dtype).reshape(shape)
+
+    def execute_async_v3(self, stream):
+        feeds = {n: self._at(n, self.shapes[n]).copy() for n, t in self.engine.io.items() if t["input"]}
+        for name, value in self.engine.run(feeds).items():
+            self._at(name, value.shape)[...] = value
+        return True
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgemamba", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+@needs_trt
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2-g2-tied"])
+def test_compile_builds_step_and_prefill_engines_with_every_node_mapped(kind, precision, hf_dirs, tmp_path):
+    from edgemamba.artifact import load_artifact
+    from edgemamba.runtimes.tensorrt import check_io, engine_io, expected_io, import_tensorrt
+
+    out = tmp_path / "m.em"
+    r = _run_cli("compile", hf_dirs(kind)[1], "--target", "tensorrt", "--precision", precision, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert f"for tensorrt/{precision}" in r.stdout and "step.engine" in r.stdout
+    art = load_artifact(out)  # every listed file's SHA-256 checked, the engines included
+    section, spec, n = art.manifest["tensorrt"], art.spec, art.spec.n_layer
+    trt = import_tensorrt()
+    assert (section["module"], section["version"]) == (trt.__name__, trt.__version__)
+    for graph, fused in (("step", 2 * n), ("prefill", n)):
+        engine = section["engines"][graph]
+        assert engine in art.manifest["files"] and (out / engine).stat().st_size == art.manifest["files"][engine]["bytes"]
+        model = onnx.load(str(art.file(graph)), load_external_data=False)
+        custom = [node.op_type for node in model.graph.node if node.domain == "edgemamba"]
+        assert section["plugin_layers"][graph] == len(custom) == fused  # every fused node is a plugin layer
+        # the engine's I/O, as built, is what the backend binds (names, dtypes, shapes)
+        check_io(engine_io(FakeEngine(section["io"][graph], {})), expected_io(spec, art.manifest["state"], graph), graph)
+        if precision == "int8":
+            assert sum(node.op_type == "DequantizeLinear" for node in model.graph.node) >= 2 * n + 1
+    assert section["profiles"]["step"]["input_ids"] == [[1, 1], [1, 1], [8, 1]]
+    assert section["profiles"]["prefill"]["input_ids"] == [[1, 1], [1, 256], [1, 512]]
+    assert section["builder"]["strongly_typed"] and section["builder"]["version_compatible"] is False
+    assert ("compute_capabilities" if trt.__name__ == "tensorrt_rtx" else "hardware_compatibility_level") in section["builder"]
+    assert [p["name"] for p in section["plugins"]] == ["CausalConv1dStep", "SelectiveScan", "SelectiveStateUpdate"]
+    assert "EDGEMAMBA_KERNEL_LIBRARY" in section["kernel_library"]["load"]
+
+
+@needs_trt
+def test_int8_engines_store_int8_weights(tmp_path):
+    """Weight-only int8 must reach the engine as int8 (TensorRT keeps DequantizeLinear on weights
+    rather than folding it into 16-bit constants): ~1 byte per parameter less than fp16. (Untied:
+    TensorRT copies a quantized table per consumer, so a tied table read by the embedding Gather
+    and the head Gemm costs 2 x 1 byte, as in fp16.)"""
+    from test_cuda_kernels import random_checkpoint
+
+    from edgemamba.artifact import compile_artifact
+    from edgemamba.spec import ModelSpec
+
+    spec = ModelSpec(arch="mamba1", d_model=256, n_layer=2, vocab_size=4096, d_inner=512, d_state=16, d_conv=4,
+                     dt_rank=16, tie_embeddings=False)
+    ckpt = random_checkpoint(spec)
+    paths = {p: compile_artifact(ckpt, tmp_path / p, "tensorrt", p).path for p in ("fp16", "int8")}
+    size = {p: {g: (path / f"{g}.engine").stat().st_size for g in ("step", "prefill")} for p, path in paths.items()}
+    for graph in ("step", "prefill"):
+        assert size["fp16"][graph] - size["int8"][graph] >= 0.8 * spec.n_params, size
+
+
+def test_compile_without_tensorrt_refuses_in_one_line(tmp_path, monkeypatch):
+    from test_cuda_kernels import REF_SPECS, random_checkpoint
+
+    from edgemamba.artifact import compile_artifact
+    from edgemamba.runtimes import tensorrt
+
+    monkeypatch.setattr(tensorrt, "MODULES", ("no_such_tensorrt",))
+    with pytest.raises(EdgeMambaError, match=r"pip install tensorrt-rtx") as e:
+        compile_artifact(random_checkpoint(REF_SPECS["mamba1"]), tmp_path / "x.em", "tensorrt", "fp16")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "x.em").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend, on the CPU: TrtBackend over stand-in engines that run the fused graphs
+# ---------------------------------------------------------------------------------------------
+def _graph_io(model: ir.Model) -> dict:
+    """The I/O TensorRT builds from a graph, in the build report's form."""
+    names = {ir.DataType.FLOAT: "FLOAT", ir.DataType.FLOAT16: "HALF", ir.DataType.INT64: "INT64"}
+    return {v.name: {"input": is_input, "dtype": names[v.dtype], "shape": [d if isinstance(d, int) else -1
+                                                                            for d in v.shape]}
+            for values, is_input in ((model.graph.inputs, True), (model.graph.outputs, False)) for v in values}
+
+
+def _cpu_backend(spec_name: str, tmp_path, max_chunk: int = 4):
+    """(artifact, reference, factory(artifact, batch, threads)) for a fused fp32 model whose
+    stand-in engines execute the graphs in onnx.reference; the prefill engine takes chunks of at
+    most `max_chunk` tokens, so the backend must split longer ones."""
+    torch = pytest.importorskip("torch")
+    from test_cuda_kernels import REF_SPECS, random_checkpoint
+    from test_fuse import evaluator
+
+    from edgemamba.artifact import Artifact
+    from edgemamba.export import build_graphs, state_shapes
+    from edgemamba.passes.fuse import KERNEL_OPS
+    from edgemamba.reference import Reference
+    from edgemamba.runtimes.tensorrt import TrtBackend, engine_profiles
+
+    spec = REF_SPECS[spec_name]
+    ckpt = random_checkpoint(spec)
+    graphs = build_graphs(ckpt, KERNEL_OPS)
+    state = [{"name": f"{k.split('.')[0]}_state.{k.split('.')[1]}", "input": f"past_{k.split('.')[0]}_state.{k.split('.')[1]}",
+              "output": f"present_{k.split('.')[0]}_state.{k.split('.')[1]}", "shape": list(shape), "dtype": "float32"}
+             for k, shape in state_shapes(spec).items()]
+    art = Artifact(tmp_path, {"target": "tensorrt", "precision": "fp32", "state": state, "files": {}}, spec)
+    profiles = engine_profiles(spec)
+    profiles["prefill"]["input_ids"] = ((1, 1), (1, max_chunk), (1, max_chunk))
+
+    def engine(kind):
+        sess, outputs = evaluator(graphs[kind]), [v.name for v in graphs[kind].graph.outputs]
+        return FakeEngine(_graph_io(graphs[kind]), profiles[kind],
+                          run=lambda feeds: dict(zip(outputs, sess.run(outputs, feeds))))
+
+    engines = {kind: engine(kind) for kind in ("step", "prefill")}
+    return art, Reference(ckpt), lambda a, batch, threads: TrtBackend.with_engines(a, batch, engines, torch,
+                                                                                   torch.device("cpu"))
+
+
+@pytest.mark.parametrize("spec_name", ["mamba1", "mamba2-g2"])
+def test_backend_binds_rows_and_swaps_state_like_the_reference(spec_name, tmp_path, monkeypatch):
+    """Two sequences in one Session: each prefilled in chunks into its own row, then stepped
+    together; logits and states against the oracle. Then state get/set/save/load and reset."""
+    from edgemamba import runtimes
+    from edgemamba.session import Session
+
+    art, ref, factory = _cpu_backend(spec_name, tmp_path)
+    monkeypatch.setattr(runtimes, "backend_for", lambda artifact: factory)
+    session = Session(art, batch=2, prefill_chunk=6)  # the backend splits 6 into 4 + 2
+    ids = np.random.default_rng(3).integers(0, art.spec.vocab_size, size=(2, 13))
+    lengths = (9, 5)
+    ref_states = []
+    for row, length in enumerate(lengths):
+        logits = session.prefill(ids[row, :length], seq=row)
+        expected, st = ref.forward(ids[row : row + 1, :length])
+        np.testing.assert_allclose(logits, expected[0, -1], rtol=0, atol=2e-5 * np.abs(expected).max())
+        ref_states.append(st)
+    for t in range(3):
+        tokens = [ids[row, lengths[row] + t] for row in range(2)]
+        logits = session.step(tokens).copy()
+        for row in range(2):
+            expected, ref_states[row] = ref.step(np.array([tokens[row]]), ref_states[row])
+            np.testing.assert_allclose(logits[row], expected[0], rtol=0, atol=2e-5 * np.abs(expected).max())
+    for row in range(2):
+        got = session.get_state(row)
+        for i in range(art.spec.n_layer):
+            for name, want in ((f"conv_state.{i}", ref_states[row].conv[i][0]), (f"ssm_state.{i}", ref_states[row].ssm[i][0])):
+                np.testing.assert_allclose(got[name], want, rtol=0, atol=2e-5 * max(1.0, np.abs(want).max()))
+    # row 1's state saved and loaded into row 0: both rows then give the same logits
+    session.save_state(tmp_path / "row1.state", seq=1)
+    session.load_state(tmp_path / "row1.state", seq=0)
+    same = session.step([7, 7])
+    np.testing.assert_array_equal(same[0], same[1])
+    session.reset(0)
+    assert all(not np.any(v) for v in session.get_state(0).values())
+    assert any(np.any(v) for v in session.get_state(1).values())
+
+
+def test_backend_refuses_engines_that_do_not_fit(tmp_path):
+    art, _, factory = _cpu_backend("mamba1", tmp_path)
+    with pytest.raises(EdgeMambaError, match=r"batch 1\.\.8, not 9"):
+        factory(art, 9, None)
+    backend = factory(art, 1, None)
+    io = dict(backend.engines["step"].io)
+    broken = {"step": FakeEngine({k: v for k, v in io.items() if k != "present_ssm_state.1"}, backend.engines["step"].profile),
+              "prefill": backend.engines["prefill"]}
+    from edgemamba.runtimes.tensorrt import TrtBackend
+
+    with pytest.raises(EdgeMambaError, match=r"step engine.*missing \['present_ssm_state.1'\]"):
+        TrtBackend.with_engines(art, 1, broken, backend.torch, backend.device)
+    io["logits"] = {**io["logits"], "dtype": "HALF"}
+    with pytest.raises(EdgeMambaError, match=r"'logits' is float16"):
+        TrtBackend.with_engines(art, 1, {**broken, "step": FakeEngine(io, backend.engines["step"].profile)},
+                                backend.torch, backend.device)
 
 
 class _RecordingKernels:
@@ -201,6 +436,7 @@ class _RecordingKernels:
         return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
 
+@needs_trt
 @pytest.mark.parametrize("case", ["mamba1-step", "mamba2-scan-no-z", "conv-no-bias"])
 def test_plugin_enqueue_passes_the_kernel_abi(case):
     """What enqueue hands the kernels, from TensorRT's tensor descriptions (runs on no GPU: the

@@ -15,9 +15,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgemamba.errors import EdgeMambaError
 from edgemamba.passes.float16 import Float16State, Float16Weights
+from edgemamba.passes.fuse import KERNEL_OPS, FusedOpsFloat16
 from edgemamba.passes.fusion import FuseRMSNorm
 from edgemamba.passes.quantize import QUANTIZABLE, QuantizeEmbedding, QuantizeMatMulNBits, QuantOptions
 from edgemamba.passes.w8a8 import Calibrate, QuantizeQDQ, RotateOutProj
+from edgemamba.passes.weight_only import QuantizeWeightsInt8
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,14 @@ def _quant_w8a8(r: Recipe, ctx: Context):
             QuantizeEmbedding(embedding, QuantizeMatMulNBits(embedding))]
 
 
+def _fused_fp16(r: Recipe, ctx: Context):
+    return [FusedOpsFloat16()]
+
+
+def _weight_only_int8(r: Recipe, ctx: Context):
+    return [QuantizeWeightsInt8(tuple(k for k in r.quantize if k not in r.keep), r.skip_layers, r.embedding)]
+
+
 @dataclass(frozen=True)
 class Phase:
     name: str
@@ -136,6 +146,7 @@ class Phase:
 class Pipeline:
     phases: list[Phase] = field(default_factory=list)
     state_dtype: str = "float32"
+    ops: frozenset[str] = frozenset()  # fused ops the target's backend runs: the export emits them
 
 
 PIPELINES: dict[tuple[str, str], Pipeline] = {
@@ -152,6 +163,15 @@ PIPELINES: dict[tuple[str, str], Pipeline] = {
     ("ort-cpu", "w8a8"): Pipeline([Phase("rotate", _rotate), Phase("calibrate", _calibrate),
                                    Phase("quantize", _quant_w8a8), Phase("fuse", _fuse), Phase("state", _state),
                                    Phase("cleanup", _cleanup)]),
+    # TensorRT: the graphs hold the kernels' fused ops (plugins); engines are strongly typed, so the
+    # precision is in the graph: fp16 weights and GEMMs with float32 islands (norms, residual, state),
+    # the fused ops on float16 activations; int8 adds weight-only int8 (QDQ on the weights).
+    ("tensorrt", "fp32"): Pipeline([Phase("state", _state), Phase("cleanup", _cleanup)], ops=KERNEL_OPS),
+    ("tensorrt", "fp16"): Pipeline([Phase("precision", _fp("fp16")), Phase("fused-fp16", _fused_fp16),
+                                    Phase("state", _state), Phase("cleanup", _cleanup)], ops=KERNEL_OPS),
+    ("tensorrt", "int8"): Pipeline([Phase("precision", _fp("fp16")), Phase("fused-fp16", _fused_fp16),
+                                    Phase("quantize", _weight_only_int8), Phase("state", _state),
+                                    Phase("cleanup", _cleanup)], ops=KERNEL_OPS),
 }
 
 
@@ -183,6 +203,7 @@ def build_pipeline(target: str, precision: str, recipe: Recipe | None = None, ca
 
     def describe() -> dict:
         return {"phases": [{"name": n, "passes": [type(p).__name__ for p in ps]} for n, ps in phases],
+                **({"fused_ops": sorted(pipeline.ops)} if pipeline.ops else {}),
                 "recipe": recipe.to_dict(), "calibration_tokens": None if calib_ids is None else int(len(calib_ids))}
 
     return run, describe

@@ -8,6 +8,10 @@ def backend_for(artifact):
         from edgemamba.runtimes.tvm import TvmBackend
 
         return TvmBackend
+    if artifact.target == "tensorrt":  # imported alone: a TensorRT device needs no onnxruntime
+        from edgemamba.runtimes.tensorrt import TrtBackend
+
+        return TrtBackend
     from edgemamba.runtimes.onnxruntime import OrtBackend
 
     backends = {"ort-cpu": OrtBackend}
