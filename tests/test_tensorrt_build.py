@@ -25,6 +25,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_cuda_kernels import gpu_test
 
 from edgemamba.errors import EdgeMambaError
 
@@ -275,18 +276,20 @@ def test_compile_builds_step_and_prefill_engines_with_every_node_mapped(kind, pr
     assert (section["module"], section["version"]) == (trt.__name__, trt.__version__)
     for graph, fused in (("step", 2 * n), ("prefill", n)):
         engine = section["engines"][graph]
-        assert engine in art.manifest["files"] and (out / engine).stat().st_size == art.manifest["files"][engine]["bytes"]
+        assert (out / engine).stat().st_size == art.manifest["files"][engine]["bytes"] > 0
         model = onnx.load(str(art.file(graph)), load_external_data=False)
         custom = [node.op_type for node in model.graph.node if node.domain == "edgemamba"]
         assert section["plugin_layers"][graph] == len(custom) == fused  # every fused node is a plugin layer
         # the engine's I/O, as built, is what the backend binds (names, dtypes, shapes)
-        check_io(engine_io(FakeEngine(section["io"][graph], {})), expected_io(spec, art.manifest["state"], graph), graph)
+        built = engine_io(FakeEngine(section["io"][graph], {}))
+        check_io(built, expected_io(spec, art.manifest["state"], graph), graph)
         if precision == "int8":
             assert sum(node.op_type == "DequantizeLinear" for node in model.graph.node) >= 2 * n + 1
     assert section["profiles"]["step"]["input_ids"] == [[1, 1], [1, 1], [8, 1]]
     assert section["profiles"]["prefill"]["input_ids"] == [[1, 1], [1, 256], [1, 512]]
     assert section["builder"]["strongly_typed"] and section["builder"]["version_compatible"] is False
-    assert ("compute_capabilities" if trt.__name__ == "tensorrt_rtx" else "hardware_compatibility_level") in section["builder"]
+    compatibility = "compute_capabilities" if trt.__name__ == "tensorrt_rtx" else "hardware_compatibility_level"
+    assert compatibility in section["builder"]
     assert [p["name"] for p in section["plugins"]] == ["CausalConv1dStep", "SelectiveScan", "SelectiveStateUpdate"]
     assert "EDGEMAMBA_KERNEL_LIBRARY" in section["kernel_library"]["load"]
 
@@ -335,29 +338,40 @@ def _graph_io(model: ir.Model) -> dict:
             for values, is_input in ((model.graph.inputs, True), (model.graph.outputs, False)) for v in values}
 
 
-def _cpu_backend(spec_name: str, tmp_path, max_chunk: int = 4):
-    """(artifact, reference, factory(artifact, batch, threads)) for a fused fp32 model whose
-    stand-in engines execute the graphs in onnx.reference; the prefill engine takes chunks of at
-    most `max_chunk` tokens, so the backend must split longer ones."""
-    torch = pytest.importorskip("torch")
+def _fused_model(spec_name: str, tmp_path, max_chunk: int = 4):
+    """(artifact, reference, fused graphs, engine profiles) of a small fp32 model, the artifact in
+    memory (its manifest's state entries as compile_artifact writes them); the prefill profile takes
+    chunks of at most `max_chunk` tokens, so the backend must split longer ones."""
     from test_cuda_kernels import REF_SPECS, random_checkpoint
-    from test_fuse import evaluator
 
     from edgemamba.artifact import Artifact
     from edgemamba.export import build_graphs, state_shapes
     from edgemamba.passes.fuse import KERNEL_OPS
     from edgemamba.reference import Reference
-    from edgemamba.runtimes.tensorrt import TrtBackend, engine_profiles
+    from edgemamba.runtimes.tensorrt import engine_profiles
 
     spec = REF_SPECS[spec_name]
     ckpt = random_checkpoint(spec)
-    graphs = build_graphs(ckpt, KERNEL_OPS)
-    state = [{"name": f"{k.split('.')[0]}_state.{k.split('.')[1]}", "input": f"past_{k.split('.')[0]}_state.{k.split('.')[1]}",
-              "output": f"present_{k.split('.')[0]}_state.{k.split('.')[1]}", "shape": list(shape), "dtype": "float32"}
-             for k, shape in state_shapes(spec).items()]
+    state = []
+    for key, shape in state_shapes(spec).items():
+        kind, i = key.split(".")
+        state.append({"name": f"{kind}_state.{i}", "input": f"past_{kind}_state.{i}",
+                      "output": f"present_{kind}_state.{i}", "shape": list(shape), "dtype": "float32"})
     art = Artifact(tmp_path, {"target": "tensorrt", "precision": "fp32", "state": state, "files": {}}, spec)
     profiles = engine_profiles(spec)
     profiles["prefill"]["input_ids"] = ((1, 1), (1, max_chunk), (1, max_chunk))
+    return art, Reference(ckpt), build_graphs(ckpt, KERNEL_OPS), profiles
+
+
+def _cpu_backend(spec_name: str, tmp_path):
+    """(artifact, reference, factory(artifact, batch, threads)): TrtBackend on the CPU over stand-in
+    engines that execute the fused graphs in onnx.reference."""
+    torch = pytest.importorskip("torch")
+    from test_fuse import evaluator
+
+    from edgemamba.runtimes.tensorrt import TrtBackend
+
+    art, ref, graphs, profiles = _fused_model(spec_name, tmp_path)
 
     def engine(kind):
         sess, outputs = evaluator(graphs[kind]), [v.name for v in graphs[kind].graph.outputs]
@@ -365,8 +379,7 @@ def _cpu_backend(spec_name: str, tmp_path, max_chunk: int = 4):
                           run=lambda feeds: dict(zip(outputs, sess.run(outputs, feeds))))
 
     engines = {kind: engine(kind) for kind in ("step", "prefill")}
-    return art, Reference(ckpt), lambda a, batch, threads: TrtBackend.with_engines(a, batch, engines, torch,
-                                                                                   torch.device("cpu"))
+    return art, ref, lambda a, batch, threads: TrtBackend.with_engines(a, batch, engines, torch, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("spec_name", ["mamba1", "mamba2-g2"])
@@ -396,7 +409,8 @@ def test_backend_binds_rows_and_swaps_state_like_the_reference(spec_name, tmp_pa
     for row in range(2):
         got = session.get_state(row)
         for i in range(art.spec.n_layer):
-            for name, want in ((f"conv_state.{i}", ref_states[row].conv[i][0]), (f"ssm_state.{i}", ref_states[row].ssm[i][0])):
+            for name, want in ((f"conv_state.{i}", ref_states[row].conv[i][0]),
+                               (f"ssm_state.{i}", ref_states[row].ssm[i][0])):
                 np.testing.assert_allclose(got[name], want, rtol=0, atol=2e-5 * max(1.0, np.abs(want).max()))
     # row 1's state saved and loaded into row 0: both rows then give the same logits
     session.save_state(tmp_path / "row1.state", seq=1)
@@ -408,13 +422,103 @@ def test_backend_binds_rows_and_swaps_state_like_the_reference(spec_name, tmp_pa
     assert any(np.any(v) for v in session.get_state(1).values())
 
 
+class _DeviceMemory:
+    """Device memory at an address, for torch.as_tensor (the CUDA array interface, no copy)."""
+
+    def __init__(self, address: int, shape, dtype):
+        self.__cuda_array_interface__ = {"data": (address, False), "shape": tuple(shape), "typestr": np.dtype(dtype).str,
+                                         "strides": None, "version": 3, "stream": None}
+
+
+class ToyEngine(FakeEngine):
+    """On the GPU, a toy model behind a real model's I/O (not Mamba): for a chunk of t ids,
+    present = past / 2^t + Σ_j ids[j] / 2^(t-1-j) per state tensor, logits[b, v] = v + Σ_k mean(present_k[b]).
+    Its contexts compute with torch on the device memory at the bound addresses, on the current
+    stream, so a CUDA-graph capture records them as it would an engine's kernels."""
+
+    def create_execution_context(self):
+        return ToyContext(self)
+
+
+class ToyContext(FakeContext):
+    def execute_async_v3(self, stream):
+        import torch
+
+        def at(name, shape):
+            dtype = _TRT_DTYPES[self.engine.io[name]["dtype"]]
+            return torch.as_tensor(_DeviceMemory(self.addresses[name], shape, dtype), device="cuda")
+
+        ids = at("input_ids", self.shapes["input_ids"])  # (b, t)
+        b, t = ids.shape
+        drive = (ids.float() * 0.5 ** torch.arange(t - 1, -1, -1, device="cuda")).sum(1)  # (b,)
+        total = torch.zeros(b, device="cuda")
+        for past, info in self.engine.io.items():
+            if info["input"] and past != "input_ids":
+                shape = self.shapes[past]
+                present = at(past.replace("past_", "present_"), shape)
+                present.copy_(at(past, shape) * 0.5 ** t + drive.view(b, *[1] * (len(shape) - 1)))
+                total += present.reshape(b, -1).mean(1)
+        vocab = self.engine.io["logits"]["shape"][1]
+        at("logits", (b, vocab)).copy_(torch.arange(vocab, device="cuda") + total[:, None])
+        return True
+
+
+def _toy(state: dict, ids) -> np.ndarray:
+    """The toy model on one row's state (name -> array, updated in place): Σ_k mean(present_k)."""
+    ids = np.asarray(ids, np.float64)
+    drive = float((ids * 0.5 ** np.arange(len(ids) - 1, -1, -1)).sum())
+    total = 0.0
+    for name in state:
+        state[name] = state[name] * 0.5 ** len(ids) + drive
+        total += state[name].mean()
+    return total
+
+
+@gpu_test
+def test_backend_on_the_gpu_keeps_state_on_the_device_and_replays_cuda_graphs(tmp_path):
+    """The CUDA side of TrtBackend without TensorRT (none runs on this GPU): device buffers, pinned
+    host staging, its stream, the step captured per parity and replayed, per-row prefill, state
+    views. The engines are ToyEngines (above), checked against the same toy model in NumPy."""
+    import torch
+
+    from edgemamba.runtimes.tensorrt import TrtBackend
+
+    art, _, graphs, profiles = _fused_model("mamba2-g2", tmp_path)
+    engines = {kind: ToyEngine(_graph_io(graphs[kind]), profiles[kind]) for kind in ("step", "prefill")}
+    backend = TrtBackend.with_engines(art, 3, engines, torch, torch.device("cuda"))
+    assert backend.cuda_graphs and all(t.is_cuda for bufs in backend._bufs for t in bufs.values())
+    vocab = art.spec.vocab_size
+    rows = [{k: np.zeros(v.shape[1:]) for k, v in backend.state.items()} for _ in range(3)]
+
+    def expect(row, ids):
+        return np.arange(vocab) + _toy(rows[row], ids)
+
+    prompt = [5, 1, 4, 2, 3, 9]  # two chunks: 4 + 2
+    np.testing.assert_allclose(backend.prefill(np.array(prompt), 1), expect(1, prompt), rtol=1e-5)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # replays of both parities' graphs
+        ids = rng.integers(0, vocab, 3)
+        got = backend.step(ids)
+        for row in range(3):
+            np.testing.assert_allclose(got[row], expect(row, [ids[row]]), rtol=1e-5)
+    for name, view in backend.state.items():
+        np.testing.assert_allclose(view[1], rows[1][name], rtol=1e-5)
+        view[0] = view[1]  # row 1's state into row 0, through the host
+        rows[0][name] = rows[1][name].copy()
+    got = backend.step(np.array([3, 3, 3]))
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-6)
+    backend.reset(slice(1, 2))
+    assert not any(np.any(view[1]) for view in backend.state.values())
+
+
 def test_backend_refuses_engines_that_do_not_fit(tmp_path):
     art, _, factory = _cpu_backend("mamba1", tmp_path)
     with pytest.raises(EdgeMambaError, match=r"batch 1\.\.8, not 9"):
         factory(art, 9, None)
     backend = factory(art, 1, None)
     io = dict(backend.engines["step"].io)
-    broken = {"step": FakeEngine({k: v for k, v in io.items() if k != "present_ssm_state.1"}, backend.engines["step"].profile),
+    profile = backend.engines["step"].profile
+    broken = {"step": FakeEngine({k: v for k, v in io.items() if k != "present_ssm_state.1"}, profile),
               "prefill": backend.engines["prefill"]}
     from edgemamba.runtimes.tensorrt import TrtBackend
 
@@ -422,8 +526,7 @@ def test_backend_refuses_engines_that_do_not_fit(tmp_path):
         TrtBackend.with_engines(art, 1, broken, backend.torch, backend.device)
     io["logits"] = {**io["logits"], "dtype": "HALF"}
     with pytest.raises(EdgeMambaError, match=r"'logits' is float16"):
-        TrtBackend.with_engines(art, 1, {**broken, "step": FakeEngine(io, backend.engines["step"].profile)},
-                                backend.torch, backend.device)
+        TrtBackend.with_engines(art, 1, {**broken, "step": FakeEngine(io, profile)}, backend.torch, backend.device)
 
 
 class _RecordingKernels:

@@ -81,7 +81,8 @@ class QuantizeWeightsInt8(GraphPass):
             key = f"{base}.int8"
             if key not in self._tensors:  # made once, shared by both graphs
                 q, scale = quantize_per_channel(value.const_value.numpy(), axis)
-                self._tensors[key], self._tensors[key + ".scale"] = ir.tensor(q, name=key), ir.tensor(scale, name=key + ".scale")
+                self._tensors[key] = ir.tensor(q, name=key)
+                self._tensors[key + ".scale"] = ir.tensor(scale, name=key + ".scale")
             q, scale = (self.add_initializer(graph, self._tensors[k]) for k in (key, key + ".scale"))
             nodes = [ir.Node("", "DequantizeLinear", [q, scale], attributes=[ir.AttrInt64("axis", axis)])]
             if value.const_value.dtype != ir.DataType.FLOAT:

@@ -367,7 +367,8 @@ def _build_in_this_process(request: dict) -> dict:
     # The engine's I/O as built: what the runtime will bind (name -> input?, dtype, shape; -1 dynamic).
     tensors = [(network.get_input(i), True) for i in range(network.num_inputs)]
     tensors += [(network.get_output(i), False) for i in range(network.num_outputs)]
-    report["io"] = {t.name: {"input": is_input, "dtype": t.dtype.name, "shape": list(t.shape)} for t, is_input in tensors}
+    report["io"] = {t.name: {"input": is_input, "dtype": t.dtype.name, "shape": list(t.shape)}
+                    for t, is_input in tensors}
     report["plugin_layers"] = sum(layer.type == trt.LayerType.PLUGIN_V3 for layer in layers)
     if report["plugin_layers"] != sum(custom.values()):
         report["errors"].append(f"{sum(custom.values())} edgemamba nodes but {report['plugin_layers']} plugin layers")
@@ -463,8 +464,8 @@ def compile_engines(out_dir: Path, spec, precision: str, graphs: dict[str, Path]
         "layers": {kind: reports[kind]["layers"] for kind in GRAPHS},
         "plugin_layers": {kind: reports[kind]["plugin_layers"] for kind in GRAPHS},
         "io": {kind: reports[kind]["io"] for kind in GRAPHS},
-        "plugins": [{"name": name, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE, "api": "IPluginV3 (Python)"}
-                    for name in sorted(OPS)],
+        "plugins": [{"name": name, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE,
+                     "api": "IPluginV3 (Python)"} for name in sorted(OPS)],
         "kernel_library": {
             "abi_version": ABI_VERSION, "source": "edgemamba/kernels/cuda/mamba_kernels.cu",
             "load": "EDGEMAMBA_KERNEL_LIBRARY names a prebuilt libedgemamba_kernels_<arch>.so; otherwise nvcc builds "
@@ -519,7 +520,8 @@ def check_io(got: dict[str, TensorIO], want: dict[str, TensorIO], where: str) ->
     """Refuse an engine whose I/O is not what this model's buffers are (a damaged or swapped engine)."""
     if set(got) != set(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise EdgeMambaError(f"{where}: engine I/O does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise EdgeMambaError(f"{where}: engine I/O does not match the model "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
     for name, w in want.items():
         g = got[name]
         if (g.is_input, g.dtype, g.shape) != (w.is_input, w.dtype, w.shape):  # -1 (set per run) must match too
@@ -553,7 +555,8 @@ class _StateView:
     def __setitem__(self, index, value) -> None:
         torch = self._backend.torch
         with self._backend._on_stream():
-            self._tensor[index] = torch.from_numpy(np.ascontiguousarray(value, dtype=self.dtype)).to(self._tensor.device)
+            host = torch.from_numpy(np.ascontiguousarray(value, dtype=self.dtype))
+            self._tensor[index] = host.to(self._tensor.device)
 
     def __array__(self, dtype=None, copy=None):
         return self[:] if dtype is None else self[:].astype(dtype)
@@ -578,9 +581,9 @@ class TrtBackend:
         if not isinstance(section, dict) or not isinstance(section.get("engines"), dict):
             raise EdgeMambaError(f"{artifact.path}: the manifest has no TensorRT engines")
         if (section.get("module"), section.get("version")) != (trt.__name__, trt.__version__):
-            raise EdgeMambaError(f"{artifact.path}: engines built with {section.get('module')} {section.get('version')}, "
-                                 f"this process has {trt.__name__} {trt.__version__}: recompile the artifact here "
-                                 "(edgemamba compile CKPT --target tensorrt)")
+            raise EdgeMambaError(f"{artifact.path}: engines built with {section.get('module')} "
+                                 f"{section.get('version')}, this process has {trt.__name__} {trt.__version__}: "
+                                 "recompile the artifact here (edgemamba compile CKPT --target tensorrt)")
         torch = _import_torch_cuda()
         register_plugins(trt)  # before deserializing: the engines hold the plugins by name
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -698,6 +701,11 @@ class TrtBackend:
                     for t in bufs.values():
                         t.zero_()
         return graph
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the step runs as CUDA-graph replays (both parities captured)."""
+        return all(g is not None for g in self._graphs)
 
     # ---- state ------------------------------------------------------------------------------------
     @property
