@@ -88,11 +88,16 @@ def fused_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph.all_nodes() if n.domain == DOMAIN]
 
 
+def _is_cast(node: ir.Node | None, to: ir.DataType) -> bool:
+    return node is not None and node.op_type == "Cast" and node.domain == "" and node.attributes["to"].value == to
+
+
 class FusedOpsFloat16(GraphPass):
     """Run the fused ops on float16 activations (the kernels' half path): a Cast to float16 on each
     activation input, and the float16 y cast back to float32 for the float32 islands around (the
     gated norm, the residual). State stays float32; A, D, dt_bias and the conv weights stay float32
-    (the contract allows either)."""
+    (the contract allows either). A float16 y read through Cast(float32) then Cast(float16) (the
+    next fused op, a float16 GEMM of Float16Weights) is read directly: the pair is lossless."""
 
     def call(self, model):
         graph, modified = model.graph, False
@@ -114,6 +119,11 @@ class FusedOpsFloat16(GraphPass):
                 graph.insert_after(node, up)
                 for use in uses:
                     use.node.replace_input_with(use.idx, up.outputs[0])
+                modified = True
+        for node in list(graph):  # Cast(float16) of Cast(float32) of a float16 y: read y itself
+            up = node.inputs[0].producer() if _is_cast(node, ir.DataType.FLOAT16) else None
+            if _is_cast(up, ir.DataType.FLOAT) and up.inputs[0].dtype == ir.DataType.FLOAT16:
+                ir.convenience.replace_all_uses_with(node.outputs[0], up.inputs[0])
                 modified = True
         return ir.passes.PassResult(model, modified)
 
