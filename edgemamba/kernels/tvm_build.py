@@ -121,6 +121,18 @@ def nvcc_cubin(source: str, arch: str) -> bytes:
 def compile_tvm_artifact(ckpt, dest: Path, target: str, precision: str, force: bool = False, *,
                          arch: str | None = None, batches=None):
     """The artifact builder for tvm-* targets (registered in edgemamba.artifact)."""
+    return _write_artifact(ckpt.spec, dest, target, precision, force, arch=arch, batches=batches, ckpt=ckpt)
+
+
+def compile_tvm_library(spec, dest: Path, target: str, precision: str, force: bool = False, *,
+                        arch: str | None = None, batches=None):
+    """An artifact without weights: the library for every checkpoint of this shape. Its runtime
+    takes weights packed elsewhere (`TvmBackend(..., weights=pack_weights(...))`), e.g. on a
+    device that has the runtime but no compiler."""
+    return _write_artifact(spec, dest, target, precision, force, arch=arch, batches=batches, ckpt=None)
+
+
+def _write_artifact(spec, dest, target, precision, force, *, arch, batches, ckpt):
     from edgemamba.artifact import (FORMAT, FORMAT_VERSION, MANIFEST, atomic_dir, load_artifact, sha256_file,
                                     state_bytes)
     from edgemamba.runtimes.tvm import WEIGHTS, pack_weights, state_specs, write_packed
@@ -128,13 +140,15 @@ def compile_tvm_artifact(ckpt, dest: Path, target: str, precision: str, force: b
     if precision not in TARGETS[target].precisions:
         raise EdgeMambaError(f"precision {precision!r} is not available for target {target!r}; "
                              f"available: {', '.join(TARGETS[target].precisions)}")
-    spec = ckpt.spec
     with atomic_dir(dest, force) as tmp:
         info = compile_library(spec, target, precision, tmp, arch=arch, batches=batches)
-        info["params"] = write_packed(pack_weights(spec, ckpt.weights, precision), tmp / WEIGHTS)
-        files = [tmp / info["library"], tmp / WEIGHTS, *(tmp / c for c in info["cubins"])]
+        files = [tmp / info["library"], *(tmp / c for c in info["cubins"])]
+        info["params"] = None
+        if ckpt is not None:
+            info["params"] = write_packed(pack_weights(spec, ckpt.weights, precision), tmp / WEIGHTS)
+            files.append(tmp / WEIGHTS)
         tokenizer = None
-        if ckpt.tokenizer_path is not None:
+        if ckpt is not None and ckpt.tokenizer_path is not None:
             shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
             files.append(tmp / "tokenizer.json")
             tokenizer = "tokenizer.json"
@@ -156,8 +170,8 @@ def compile_tvm_artifact(ckpt, dest: Path, target: str, precision: str, force: b
             "state_bytes_per_sequence": state_bytes(state),
             "tvm": info,
             "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-            "source": {"checkpoint": str(ckpt.path) if ckpt.path else None,
-                       "bytes_by_dtype": ckpt.source_bytes_by_dtype},
+            "source": {"checkpoint": str(ckpt.path) if ckpt is not None and ckpt.path else None,
+                       "bytes_by_dtype": ckpt.source_bytes_by_dtype if ckpt is not None else {}},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return load_artifact(dest, verify=False)

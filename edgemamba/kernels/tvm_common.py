@@ -1,15 +1,21 @@
 """Helpers shared by the TVM TIR kernels (`tvm_gemv`, `tvm_ssm`, `tvm_prefill`)."""
 
+import re
+
 import numpy as np
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 
-# State buffers are passed as row views of the runtime's (batch, ...) arrays, which need not start
-# on the 64-byte boundary TVM otherwise assumes (and its CPU code then relies on): declare them
-# with float alignment only.
-STATE_ALIGN = 4
+# Buffers the runtime passes as views of rows of its (batch, ...) arrays: the state, ids and logits.
+# Such a view need not start on the 64-byte boundary TVM otherwise assumes (and its CPU code relies
+# on), and on a GPU it carries a byte offset: float alignment and any element offset are accepted.
+ROW_VIEW = {"align": 4, "offset_factor": 1}
+
+# Warp shuffles name every lane: each kernel has all 32 lanes reach its shuffles (guards only on
+# stores), and __activemask() would not wait for lanes still diverged.
+FULL_MASK = tirx.const(0xFFFFFFFF, "uint32")
 
 
 def silu_expr(x):
@@ -47,7 +53,7 @@ def lane_reduce(lanes: int):
     def reduce(buf):
         if lanes > 1:
             for i in T.unroll(int(np.log2(lanes))):
-                buf[0] = buf[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), buf[0], (lanes // 2) >> i,
+                buf[0] = buf[0] + T.tvm_warp_shuffle_down(FULL_MASK, buf[0], (lanes // 2) >> i,
                                                           lanes, 32)
 
     return reduce
@@ -61,6 +67,11 @@ def vector_width(dtype: str, k: int) -> int:
     return vec
 
 
+def c_name(name: str) -> str:
+    """A kernel name usable as a C identifier (CUDA source and object symbols)."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
 def drop_unused_params(func: tirx.PrimFunc, names: list[str], symbol: str) -> tirx.PrimFunc:
     """The kernel with only the parameters its body reads or writes, named `symbol`.
 
@@ -71,7 +82,7 @@ def drop_unused_params(func: tirx.PrimFunc, names: list[str], symbol: str) -> ti
     keep = [p for p in func.params if any(p.same_as(u) for u in used)]
     kept = [p.name for p in keep]
     assert kept == names, f"{symbol}: kernel uses {kept}, its spec says {names}"
-    return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs).with_attr("global_symbol", symbol)
+    return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs).with_attr("global_symbol", c_name(symbol))
 
 
 def cpu_target(triple: str | None = None) -> tvm.target.Target:

@@ -29,7 +29,7 @@ from dataclasses import dataclass  # no `from __future__ import annotations`: TV
 import numpy as np
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import STATE_ALIGN, drop_unused_params, rsum, silu_expr, vector_width
+from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW, drop_unused_params, rsum, silu_expr, vector_width
 from edgemamba.reference import rms_norm, silu
 
 EPILOGUES = ("store", "residual", "conv")
@@ -195,8 +195,9 @@ def _gemv_gpu(s: GemvSpec):
     def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
              W: T.Buffer(sh["W"], s.wdtype), bias: T.Buffer(sh["bias"], "float32"),
              conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
-             conv_state: T.Buffer(sh["cs"], "float32", align=STATE_ALIGN), out: T.Buffer(sh["out"], "float32")):
+             conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), out: T.Buffer(sh["out"], "float32", **ROW_VIEW)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        # every loop over r, b, g and v is unrolled: the local arrays stay in registers
         for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
             for ty in T.thread_binding(TY, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -204,21 +205,24 @@ def _gemv_gpu(s: GemvSpec):
                     ss = T.alloc_buffer((B, G), "float32", scope="local")  # Σ x² per sequence and group
                     wv = T.alloc_buffer((RW, VEC), s.wdtype, scope="local")
                     u = T.alloc_buffer((B, VEC), "float32", scope="local")
-                    for r, b, g in T.grid(RW, B, G):
-                        acc[r, b, g] = T.float32(0)
-                    for b, g in T.grid(B, G):
-                        ss[b, g] = T.float32(0)
-                    for g in range(G):
+                    for r in T.unroll(RW):
+                        for b in T.unroll(B):
+                            for g in T.unroll(G):
+                                acc[r, b, g] = T.float32(0)
+                    for b in T.unroll(B):
+                        for g in T.unroll(G):
+                            ss[b, g] = T.float32(0)
+                    for g in T.unroll(G):
                         for ko in T.unroll(KO):
                             if ko * STRIDE + tx * VEC < GS:
-                                for r in range(RW):
+                                for r in T.unroll(RW):
                                     for v in T.vectorized(VEC):  # rows past N re-read row N-1
                                         wv[r, v] = W[T.min((bx * TY + ty) * RW + r, N - 1),
                                                      g * GS + ko * STRIDE + tx * VEC + v]
-                                for b in range(B):
+                                for b in T.unroll(B):
                                     for v in T.vectorized(VEC):
                                         u[b, v] = x[b, s.x_off + g * GS + ko * STRIDE + tx * VEC + v]
-                                    for v in range(VEC):
+                                    for v in T.unroll(VEC):
                                         if gated:
                                             if s.norm_on_x:
                                                 ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
@@ -229,24 +233,27 @@ def _gemv_gpu(s: GemvSpec):
                                             ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
                                         if normed:
                                             u[b, v] = u[b, v] * norm_w[g * GS + ko * STRIDE + tx * VEC + v]
-                                    for r in range(RW):
-                                        for v in range(VEC):
+                                    for r in T.unroll(RW):
+                                        for v in T.unroll(VEC):
                                             acc[r, b, g] = acc[r, b, g] + u[b, v] * T.Cast("float32", wv[r, v])
-                    for i in T.unroll(5):  # warp reduction: lane 0 ends with the sums
-                        for r, b, g in T.grid(RW, B, G):
-                            acc[r, b, g] = acc[r, b, g] + T.tvm_warp_shuffle_down(
-                                T.tvm_warp_activemask(), acc[r, b, g], 16 >> i, 32, 32)
+                    for i in T.unroll(5):  # warp reduction (all lanes take part): lane 0 ends with the sums
+                        for r in T.unroll(RW):
+                            for b in T.unroll(B):
+                                for g in T.unroll(G):
+                                    acc[r, b, g] = acc[r, b, g] + T.tvm_warp_shuffle_down(
+                                        FULL_MASK, acc[r, b, g], 16 >> i, 32, 32)
                         if normed:
-                            for b, g in T.grid(B, G):
-                                ss[b, g] = ss[b, g] + T.tvm_warp_shuffle_down(
-                                    T.tvm_warp_activemask(), ss[b, g], 16 >> i, 32, 32)
+                            for b in T.unroll(B):
+                                for g in T.unroll(G):
+                                    ss[b, g] = ss[b, g] + T.tvm_warp_shuffle_down(FULL_MASK, ss[b, g], 16 >> i, 32, 32)
                     if tx == 0:
                         if normed:
-                            for b, g in T.grid(B, G):
-                                ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
-                        for r in range(RW):
+                            for b in T.unroll(B):
+                                for g in T.unroll(G):
+                                    ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
+                        for r in T.unroll(RW):
                             if (bx * TY + ty) * RW + r < N:
-                                for b in range(B):
+                                for b in T.unroll(B):
                                     epilogue(out, bias, conv_w, conv_b, conv_state, b, (bx * TY + ty) * RW + r,
                                              combine(acc, ss, r, b))
 
@@ -266,7 +273,7 @@ def _gemv_cpu(s: GemvSpec):
     def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
              W: T.Buffer(sh["W"], s.wdtype), bias: T.Buffer(sh["bias"], "float32"),
              conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
-             conv_state: T.Buffer(sh["cs"], "float32", align=STATE_ALIGN), out: T.Buffer(sh["out"], "float32")):
+             conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), out: T.Buffer(sh["out"], "float32", **ROW_VIEW)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         u = T.alloc_buffer((B, K), "float32")  # the normalised input, written once
         ss = T.alloc_buffer((B, G), "float32")

@@ -52,9 +52,9 @@ class _Builder:
     def call(self, key, make, args, out_shape, out_dtype="float32"):
         return self.bb.emit(relax.call_tir(self.kernel(key, make), args, _ty(out_shape, out_dtype)))
 
-    def call_inplace(self, key, make, args, inplace: list[int], out_shapes):
+    def call_inplace(self, key, make, args, inplace: list[int], out_shapes, out_dtypes=None):
         """Outputs: one per entry of `inplace` (an argument index it aliases, or -1 for a new tensor)."""
-        tys = [_ty(s) for s in out_shapes]
+        tys = [_ty(s, dt or "float32") for s, dt in zip(out_shapes, out_dtypes or [None] * len(out_shapes))]
         out = self.bb.emit(relax.call_tir_inplace(self.kernel(key, make), args, inplace, tys if len(tys) > 1 else tys[0]))
         return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(tys))] if len(tys) > 1 else [out]
 
@@ -109,7 +109,7 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                     if s.arch == "mamba1":
                         gx = GemvSpec(n=s.dt_rank + 2 * n, k=e, batch=batch, wdtype=wdtype, x_cols=NI)
                         dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu), [proj, w(p + "x_proj")], (batch, gx.n))
-                        args = [proj, dbc, w(p + "dt_proj"), w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
+                        args = [proj, dbc, w(p + "dt_proj.T"), w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
                     else:
                         args = [proj, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
                     _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu), args, [len(args) - 1, -1],
@@ -134,7 +134,7 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                     args = [proj, w(p + "conv_weight"), *opt(p + "conv_bias"), conv_state]
                     proj, _ = kb.call_inplace((cc, gpu), lambda: conv_chunk_kernel(cc, gpu), args,
                                               [0, len(args) - 1], [(rows, NI), conv_state.ty.shape])
-                    k = ScanSpec(s)
+                    k = ScanSpec(s, act if s.arch == "mamba1" else "float32")  # Mamba-1's y goes to out_proj
                     if s.arch == "mamba1":
                         r = s.dt_rank
                         mx = MatmulSpec(r + 2 * n, e, wdtype, "float32", x_cols=NI)
@@ -143,16 +143,16 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                         if s.bcdt_rms_eps is not None:
                             (dbc,) = kb.call_inplace(("bcdt", gpu), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0],
                                                      [(rows, r + 2 * n)])
-                        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n)
-                        dt = kb.call((md, gpu), lambda: matmul_kernel(md, gpu, kb.target), [dbc, w(p + "dt_proj")],
+                        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
+                        dt = kb.call((md, gpu), lambda: matmul_kernel(md, gpu, kb.target), [dbc, w(p + "dt_proj.T")],
                                      (rows, e))
                         args = [proj, dbc, dt, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
                     else:
                         args = [proj, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
                     _, y = kb.call_inplace((k, gpu), lambda: scan_kernel(k, gpu), args, [len(args) - 1, -1],
-                                           [ssm_state.ty.shape, (rows, e)])
+                                           [ssm_state.ty.shape, (rows, e)], [None, k.y_dtype])
                     if s.arch == "mamba1":
-                        mo = MatmulSpec(d, e, wdtype, "float32", bias=s.use_bias, residual=True)
+                        mo = MatmulSpec(d, e, wdtype, act, bias=s.use_bias, residual=True)
                     else:
                         gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate,
                                          z_cols=NI, eps=s.norm_eps)

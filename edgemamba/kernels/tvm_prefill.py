@@ -20,7 +20,7 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import STATE_ALIGN, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr, softplus_expr
+from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW, c_name, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr, softplus_expr
 from edgemamba.reference import rms_norm, silu
 from edgemamba.spec import ModelSpec
 
@@ -39,7 +39,7 @@ def embed_kernel(vocab: int, d: int, wdtype: str, gpu: bool):
     t = _rows()
 
     @T.prim_func(private=True)
-    def embed(ids: T.Buffer((t,), "int32"), E: T.Buffer((vocab, d), wdtype), h: T.Buffer((t, d), "float32")):
+    def embed(ids: T.Buffer((t,), "int32", **ROW_VIEW), E: T.Buffer((vocab, d), wdtype), h: T.Buffer((t, d), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding((t * d + THREADS - 1) // THREADS, thread="blockIdx.x"):
@@ -135,8 +135,8 @@ def row_norm_kernel(s: RowNormSpec, gpu: bool):
                             if ko * 32 + tx < GS:
                                 ss[0] = ss[0] + stat(x, z, i, g * GS + ko * 32 + tx) * stat(x, z, i, g * GS + ko * 32 + tx)
                         for j in T.unroll(5):
-                            ss[0] = ss[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), ss[0], 16 >> j, 32, 32)
-                        ss[0] = T.tvm_warp_shuffle(T.tvm_warp_activemask(), ss[0], 0, 32, 32)
+                            ss[0] = ss[0] + T.tvm_warp_shuffle_down(FULL_MASK, ss[0], 16 >> j, 32, 32)
+                        ss[0] = T.tvm_warp_shuffle(FULL_MASK, ss[0], 0, 32, 32)
                         for ko in range((GS + 31) // 32):
                             if ko * 32 + tx < GS:
                                 out[i, g * GS + ko * 32 + tx] = final(
@@ -167,10 +167,15 @@ class MatmulSpec:
     x_off: int = 0
     bias: bool = False
     residual: bool = False  # out = res + x·Wᵀ
+    w_kn: bool = False  # W stored (K, N) instead
 
     @property
     def xw(self) -> int:
         return self.x_cols or self.k
+
+    @property
+    def w_shape(self) -> tuple[int, int]:
+        return (self.k, self.n) if self.w_kn else (self.n, self.k)
 
     @property
     def params(self) -> list[str]:
@@ -178,11 +183,12 @@ class MatmulSpec:
 
     def name(self) -> str:
         x = f"_x{self.x_off}of{self.xw}" if self.x_cols else ""
-        return (f"matmul_{self.n}x{self.k}_{self.adtype}_{self.wdtype}{x}"
+        return (f"matmul_{self.n}x{self.k}_{self.adtype}_{self.wdtype}{x}" + ("_wkn" if self.w_kn else "")
                 + ("_bias" if self.bias else "") + ("_res" if self.residual else ""))
 
 
 def matmul_reference(s: MatmulSpec, x, W, bias=None, res=None):
+    W = W.T if s.w_kn else W
     y = x[:, s.x_off : s.x_off + s.k].astype(np.float64) @ W.astype(np.float64).T
     if s.bias:
         y = y + bias
@@ -192,7 +198,93 @@ def matmul_reference(s: MatmulSpec, x, W, bias=None, res=None):
 
 
 def matmul_kernel(s: MatmulSpec, gpu: bool, target: tvm.target.Target | None = None):
-    return _matmul_gpu(s, target) if gpu else _matmul_cpu(s)
+    if not gpu:
+        return _matmul_cpu(s)
+    return _matmul_wmma(s) if wmma_eligible(s) else _matmul_gpu(s, target)
+
+
+def wmma_eligible(s: MatmulSpec) -> bool:
+    """fp16 × fp16 with 16-byte aligned rows: the tensor-core kernel; otherwise CUDA cores (the
+    small float32 x_proj and dt_proj of Mamba-1)."""
+    return (s.adtype == s.wdtype == "float16" and not s.w_kn and s.k % WMMA_BK == 0
+            and s.xw % 8 == 0 and s.x_off % 8 == 0)
+
+
+WMMA_BM, WMMA_BN, WMMA_BK = 64, 64, 32
+
+
+def _matmul_wmma(s: MatmulSpec):
+    """Tensor cores through WMMA (16×16×16, fp16 in, fp32 accumulate). A block of 4 warps makes a
+    64×64 tile of out, each warp 32×32 (2×2 fragments); K goes in steps of 32 through shared
+    memory, loaded with 16-byte accesses. Rows past t and columns past N read clamped indices and
+    are not stored. The tile is staged through shared memory for the epilogue (bias, residual)."""
+    t, N, K = _rows(), s.n, s.k
+    BM, BN, BK = WMMA_BM, WMMA_BN, WMMA_BK
+    LD = BK + 8  # halves per shared row: 80 bytes, a multiple of 16 as WMMA requires, off the bank period
+    CLD = BN + 4  # floats per row of the fp32 staging tile
+    NBN = (N + BN - 1) // BN
+    ZN = N if s.residual else 1
+
+    @T.prim_func(private=True)
+    def matmul(x: T.Buffer((t, s.xw), "float16"), W: T.Buffer((N, K), "float16"), bias: T.Buffer((N,), "float32"),
+               res: T.Buffer((t, ZN), "float32"), out: T.Buffer((t, N), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for bn in T.thread_binding(NBN, thread="blockIdx.x"):
+            for bm in T.thread_binding((t + BM - 1) // BM, thread="blockIdx.y"):
+                for warp in T.thread_binding(4, thread="threadIdx.y"):
+                    for lane in T.thread_binding(32, thread="threadIdx.x"):
+                        A_s = T.alloc_buffer((BM, LD), "float16", scope="shared")
+                        B_s = T.alloc_buffer((BN, LD), "float16", scope="shared")
+                        C_s = T.alloc_buffer((BM, CLD), "float32", scope="shared")
+                        a_frag = T.alloc_buffer((2, 16, 16), "float16", scope="wmma.matrix_a")
+                        b_frag = T.alloc_buffer((2, 16, 16), "float16", scope="wmma.matrix_b")
+                        c_frag = T.alloc_buffer((4, 16, 16), "float32", scope="wmma.accumulator")
+                        for f in T.unroll(4):
+                            T.evaluate(T.tvm_fill_fragment(c_frag.data, 16, 16, 16, f, T.float32(0), dtype="void"))
+                        for kt in range(K // BK):
+                            T.tvm_storage_sync("shared")
+                            # 64 rows × 32 halves of each operand: 256 pieces of 8 halves, 2 per thread
+                            for p in T.unroll(2):
+                                for v in T.vectorized(8):
+                                    A_s[(p * 128 + warp * 32 + lane) // 4, (p * 128 + warp * 32 + lane) % 4 * 8 + v] = x[
+                                        T.min(bm * BM + (p * 128 + warp * 32 + lane) // 4, t - 1),
+                                        s.x_off + kt * BK + (p * 128 + warp * 32 + lane) % 4 * 8 + v]
+                                for v in T.vectorized(8):
+                                    B_s[(p * 128 + warp * 32 + lane) // 4, (p * 128 + warp * 32 + lane) % 4 * 8 + v] = W[
+                                        T.min(bn * BN + (p * 128 + warp * 32 + lane) // 4, N - 1),
+                                        kt * BK + (p * 128 + warp * 32 + lane) % 4 * 8 + v]
+                            T.tvm_storage_sync("shared")
+                            for kk in T.unroll(BK // 16):
+                                for i in T.unroll(2):
+                                    T.evaluate(T.tvm_load_matrix_sync(
+                                        a_frag.data, 16, 16, 16, i,
+                                        A_s.access_ptr("r", offset=(warp // 2 * 32 + i * 16) * LD + kk * 16), LD,
+                                        "row_major", dtype="void"))
+                                for j in T.unroll(2):  # W (n, k) row-major is Wᵀ (k, n) column-major
+                                    T.evaluate(T.tvm_load_matrix_sync(
+                                        b_frag.data, 16, 16, 16, j,
+                                        B_s.access_ptr("r", offset=(warp % 2 * 32 + j * 16) * LD + kk * 16), LD,
+                                        "col_major", dtype="void"))
+                                for i in T.unroll(2):
+                                    for j in T.unroll(2):
+                                        T.evaluate(T.tvm_mma_sync(c_frag.data, i * 2 + j, a_frag.data, i, b_frag.data, j,
+                                                                  c_frag.data, i * 2 + j, dtype="void"))
+                        for i in T.unroll(2):
+                            for j in T.unroll(2):
+                                T.evaluate(T.tvm_store_matrix_sync(
+                                    c_frag.data, 16, 16, 16, i * 2 + j,
+                                    C_s.access_ptr("w", offset=(warp // 2 * 32 + i * 16) * CLD + warp % 2 * 32 + j * 16),
+                                    CLD, "row_major", dtype="void"))
+                        T.tvm_storage_sync("shared")
+                        for p in range(BM * BN // 128):
+                            if (bm * BM + (p * 128 + warp * 32 + lane) // BN < t
+                                    and bn * BN + (p * 128 + warp * 32 + lane) % BN < N):
+                                out[bm * BM + (p * 128 + warp * 32 + lane) // BN, bn * BN + (p * 128 + warp * 32 + lane) % BN] = (
+                                    _matmul_epilogue(s, C_s[(p * 128 + warp * 32 + lane) // BN, (p * 128 + warp * 32 + lane) % BN],
+                                                     bias, res, bm * BM + (p * 128 + warp * 32 + lane) // BN,
+                                                     bn * BN + (p * 128 + warp * 32 + lane) % BN))
+
+    return drop_unused_params(matmul, s.params, s.name())
 
 
 def _matmul_gpu(s: MatmulSpec, target):
@@ -205,10 +297,11 @@ def _matmul_gpu(s: MatmulSpec, target):
     t = _rows()
     N, K = i64(s.n), i64(s.k)
     x = te.placeholder((t, i64(s.xw)), s.adtype, name="x")
-    W = te.placeholder((N, K), s.wdtype, name="W")
+    W = te.placeholder(tuple(i64(v) for v in s.w_shape), s.wdtype, name="W")
     k = te.reduce_axis((i64(0), K), name="k")
-    y = te.compute((t, N), lambda i, j: te.sum(x[i, k + s.x_off].astype("float32") * W[j, k].astype("float32"), axis=k),
-                   name="mm")
+    w_at = (lambda j, k: W[k, j]) if s.w_kn else (lambda j, k: W[j, k])
+    y = te.compute((t, N), lambda i, j: te.sum(x[i, k + s.x_off].astype("float32") * w_at(j, k).astype("float32"),
+                                               axis=k), name="mm")
     args = [x, W]
     if s.bias:
         bias = te.placeholder((N,), "float32", name="bias")
@@ -218,12 +311,12 @@ def _matmul_gpu(s: MatmulSpec, target):
         res = te.placeholder((t, N), "float32", name="res")
         y = te.compute((t, N), lambda i, j: y[i, j] + res[i, j], name="out")
         args.append(res)
-    func = te.create_prim_func(args + [y]).with_attr("global_symbol", s.name())
+    func = te.create_prim_func(args + [y]).with_attr("global_symbol", c_name(s.name()))
     attrs = dict(target.export()) if target is not None else {"kind": "cuda"}
     attrs["arch"] = attrs.get("arch", "sm_90") + "-cuda-cores"
     with tvm.target.Target(attrs):
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({s.name(): func}))
-    return mod[s.name()].with_attr("tirx.is_scheduled", True)
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({c_name(s.name()): func}))
+    return mod[c_name(s.name())].with_attr("tirx.is_scheduled", True)
 
 
 def _matmul_cpu(s: MatmulSpec):
@@ -238,8 +331,11 @@ def _matmul_cpu(s: MatmulSpec):
     def row(tb, r, t):  # clamped row index of tile row r
         return T.min(tb + r, t - 1)
 
+    def w_at(W, j, k):
+        return W[k, j] if s.w_kn else W[j, k]
+
     @T.prim_func(private=True)
-    def matmul(x: T.Buffer((t, s.xw), s.adtype), W: T.Buffer((N, K), s.wdtype), bias: T.Buffer((N,), "float32"),
+    def matmul(x: T.Buffer((t, s.xw), s.adtype), W: T.Buffer(s.w_shape, s.wdtype), bias: T.Buffer((N,), "float32"),
                res: T.Buffer((t, ZN), "float32"), out: T.Buffer((t, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for tile in T.parallel(((t + TILE - 1) // TILE) * NT):
@@ -256,11 +352,11 @@ def _matmul_cpu(s: MatmulSpec):
                                 for v in T.vectorized(VL):
                                     acc[r, c, v] = acc[r, c, v] + T.Cast(
                                         "float32", x[row(tb, r, t), s.x_off + ko * VL + v]) * T.Cast(
-                                        "float32", W[T.min(n0 + c, N - 1), ko * VL + v])
+                                        "float32", w_at(W, T.min(n0 + c, N - 1), ko * VL + v))
                         for r, c in T.grid(RT, RN):
                             for i in range(K - KV):
                                 acc[r, c, 0] = acc[r, c, 0] + T.Cast("float32", x[row(tb, r, t), s.x_off + KV + i]) * T.Cast(
-                                    "float32", W[T.min(n0 + c, N - 1), KV + i])
+                                    "float32", w_at(W, T.min(n0 + c, N - 1), KV + i))
                             if tb + r < t and n0 + c < N:
                                 out[tb + r, n0 + c] = _matmul_epilogue(s, rsum([acc[r, c, v] for v in range(VL)]),
                                                                        bias, res, tb + r, n0 + c)
@@ -324,7 +420,7 @@ def conv_chunk_kernel(s: ConvChunkSpec, gpu: bool):
 
     @T.prim_func(private=True)
     def conv_chunk(proj: T.Buffer((t, s.cols), "float32"), conv_w: T.Buffer((C, KC), "float32"),
-                   conv_b: T.Buffer((C,), "float32"), conv_state: T.Buffer((1, C, KC - 1), "float32", align=STATE_ALIGN)):
+                   conv_b: T.Buffer((C,), "float32"), conv_state: T.Buffer((1, C, KC - 1), "float32", **ROW_VIEW)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding((C + THREADS - 1) // THREADS, thread="blockIdx.x"):
@@ -386,6 +482,7 @@ def bcdt_norm_kernel(spec: ModelSpec, gpu: bool):
 @dataclass(frozen=True)
 class ScanSpec:
     spec: ModelSpec
+    y_dtype: str = "float32"  # Mamba-1's y feeds out_proj directly: the matmul's input dtype
 
     @property
     def params(self) -> list[str]:
@@ -398,7 +495,7 @@ class ScanSpec:
         dims = (f"{s.d_inner}x{s.d_state}r{s.dt_rank}" if s.arch == "mamba1"
                 else f"h{s.n_heads}p{s.head_dim}n{s.d_state}g{s.n_groups}")
         lim = "" if s.dt_limit == (0.0, np.inf) else f"_lim{s.dt_limit[0]:g}-{s.dt_limit[1]:g}"
-        return f"scan_{s.arch}_{dims}{lim}"
+        return f"scan_{s.arch}_{dims}{lim}_{self.y_dtype}"
 
     def lanes(self, gpu: bool) -> int:
         n = self.spec.d_state
@@ -423,7 +520,7 @@ def scan_reference(k: ScanSpec, proj, ssm_state, *, dbc=None, dt=None, dt_bias, 
             dt_i, B, C = row[:, e + s.conv_dim :], row[:, 2 * e : 2 * e + gn], row[:, 2 * e + gn : 2 * e + 2 * gn]
         y, ssm_state[:] = selective_update(s, ssm_state, row, dt_i, B, C, dt_bias=dt_bias, A=A, D=D)
         ys.append(y)
-    return np.concatenate(ys)
+    return np.concatenate(ys).astype(k.y_dtype)
 
 
 def scan_kernel(k: ScanSpec, gpu: bool):
@@ -440,40 +537,45 @@ def _scan1(k: ScanSpec, gpu: bool):
     reduce = lane_reduce(NL)
 
     @T.macro
-    def channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, th):
+    def channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, th, active):
+        # th = c · NL + lane; threads past the end (active false) run on the last index and store
+        # nothing, so that every lane takes part in the shuffles
         c, lane = th // NL, th % NL
         h = T.alloc_buffer((SPL,), "float32", scope="local")
         a = T.alloc_buffer((SPL,), "float32", scope="local")
         acc = T.alloc_buffer((1,), "float32", scope="local")
         delta = T.alloc_buffer((1,), "float32", scope="local")
-        for j in range(SPL):
+        for j in T.unroll(SPL):
             h[j] = ssm_state[0, c, lane * SPL + j]
             a[j] = A[c, lane * SPL + j]
         for i in range(t):
             delta[0] = clip_dt_expr(softplus_expr(dt[i, c] + dt_bias[c]), s.dt_limit)
             acc[0] = T.float32(0)
-            for j in range(SPL):
+            for j in T.unroll(SPL):
                 h[j] = T.exp(delta[0] * a[j]) * h[j] + delta[0] * proj[i, c] * dbc[i, r + lane * SPL + j]
                 acc[0] = acc[0] + h[j] * dbc[i, r + n + lane * SPL + j]
             reduce(acc)
-            if lane == 0:
-                y[i, c] = (acc[0] + D[c] * proj[i, c]) * silu_expr(proj[i, e + c])
-        for j in range(SPL):
-            ssm_state[0, c, lane * SPL + j] = h[j]
+            if active:
+                if lane == 0:
+                    y[i, c] = T.Cast(k.y_dtype, (acc[0] + D[c] * proj[i, c]) * silu_expr(proj[i, e + c]))
+        if active:
+            for j in T.unroll(SPL):
+                ssm_state[0, c, lane * SPL + j] = h[j]
 
     @T.prim_func(private=True)
     def scan(proj: T.Buffer((t, 2 * e), "float32"), dbc: T.Buffer((t, r + 2 * n), "float32"),
              dt: T.Buffer((t, e), "float32"), dt_bias: T.Buffer((e,), "float32"), A: T.Buffer((e, n), "float32"),
-             D: T.Buffer((e,), "float32"), ssm_state: T.Buffer((1, e, n), "float32", align=STATE_ALIGN), y: T.Buffer((t, e), "float32")):
+             D: T.Buffer((e,), "float32"), ssm_state: T.Buffer((1, e, n), "float32", **ROW_VIEW),
+             y: T.Buffer((t, e), k.y_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding((NT + THREADS - 1) // THREADS, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    if bx * THREADS + tx < NT:
-                        channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, bx * THREADS + tx)
+                    channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, T.min(bx * THREADS + tx, NT - 1),
+                            bx * THREADS + tx < NT)
         else:
             for th in T.parallel(NT):
-                channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, th)
+                channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, th, True)
 
     return scan
 
@@ -489,38 +591,41 @@ def _scan2(k: ScanSpec, gpu: bool):
     reduce = lane_reduce(NL)
 
     @T.macro
-    def channel(proj, dt_bias, A, D, ssm_state, y, th):
+    def channel(proj, dt_bias, A, D, ssm_state, y, th, active):
         c, lane = th // NL, th % NL  # channel c = head · P + p
         hd, g = c // P, c // P // HPG
         h = T.alloc_buffer((SPL,), "float32", scope="local")
         acc = T.alloc_buffer((1,), "float32", scope="local")
         delta = T.alloc_buffer((1,), "float32", scope="local")
-        for j in range(SPL):
+        for j in T.unroll(SPL):
             h[j] = ssm_state[0, hd, c % P, lane * SPL + j]
         for i in range(t):
             delta[0] = clip_dt_expr(softplus_expr(proj[i, DTO + hd] + dt_bias[hd]), s.dt_limit)
             acc[0] = T.float32(0)
-            for j in range(SPL):
+            for j in T.unroll(SPL):
                 h[j] = (T.exp(delta[0] * A[hd]) * h[j]
                         + delta[0] * proj[i, XO + c] * proj[i, BO + g * n + lane * SPL + j])
                 acc[0] = acc[0] + h[j] * proj[i, CO + g * n + lane * SPL + j]
             reduce(acc)
-            if lane == 0:
-                y[i, c] = acc[0] + D[hd] * proj[i, XO + c]
-        for j in range(SPL):
-            ssm_state[0, hd, c % P, lane * SPL + j] = h[j]
+            if active:
+                if lane == 0:
+                    y[i, c] = T.Cast(k.y_dtype, acc[0] + D[hd] * proj[i, XO + c])
+        if active:
+            for j in T.unroll(SPL):
+                ssm_state[0, hd, c % P, lane * SPL + j] = h[j]
 
     @T.prim_func(private=True)
     def scan(proj: T.Buffer((t, NI), "float32"), dt_bias: T.Buffer((H,), "float32"), A: T.Buffer((H,), "float32"),
-             D: T.Buffer((H,), "float32"), ssm_state: T.Buffer((1, H, P, n), "float32", align=STATE_ALIGN), y: T.Buffer((t, e), "float32")):
+             D: T.Buffer((H,), "float32"), ssm_state: T.Buffer((1, H, P, n), "float32", **ROW_VIEW),
+             y: T.Buffer((t, e), k.y_dtype)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding((NT + THREADS - 1) // THREADS, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    if bx * THREADS + tx < NT:
-                        channel(proj, dt_bias, A, D, ssm_state, y, bx * THREADS + tx)
+                    channel(proj, dt_bias, A, D, ssm_state, y, T.min(bx * THREADS + tx, NT - 1),
+                            bx * THREADS + tx < NT)
         else:
             for th in T.parallel(NT):
-                channel(proj, dt_bias, A, D, ssm_state, y, th)
+                channel(proj, dt_bias, A, D, ssm_state, y, th, True)
 
     return scan

@@ -19,7 +19,7 @@ from dataclasses import dataclass  # no `from __future__ import annotations`: TV
 import numpy as np
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import (STATE_ALIGN, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr,
+from edgemamba.kernels.tvm_common import (ROW_VIEW, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr,
                                           softplus_expr)
 from edgemamba.reference import rms_norm, silu, softplus
 from edgemamba.spec import ModelSpec
@@ -57,7 +57,7 @@ class SsmStepSpec:
 # the contract, in NumPy
 # ---------------------------------------------------------------------------------------------
 def ssm_step_reference(k: SsmStepSpec, proj, ssm_state, *, dbc=None, dt_w=None, dt_bias, A, D):
-    """Returns y (batch, d_inner); `ssm_state` is updated in place."""
+    """Returns y (batch, d_inner); `ssm_state` is updated in place. dt_w is dt_proj transposed, (r, e)."""
     s = k.spec
     e, n = s.d_inner, s.d_state
     if s.arch == "mamba1":
@@ -65,7 +65,7 @@ def ssm_step_reference(k: SsmStepSpec, proj, ssm_state, *, dbc=None, dt_w=None, 
         dt_in, B, C = dbc[:, :r], dbc[:, r : r + n], dbc[:, r + n : r + 2 * n]
         if s.bcdt_rms_eps is not None:
             dt_in, B, C = (rms_norm(v, None, s.bcdt_rms_eps) for v in (dt_in, B, C))
-        dt = dt_in @ dt_w.T  # (b, e)
+        dt = dt_in @ dt_w  # (b, e)
     else:
         dt = proj[:, e + s.conv_dim :]  # (b, H)
         B = proj[:, 2 * e : 2 * e + s.n_groups * n]
@@ -122,39 +122,43 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
         return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
 
     @T.macro
-    def body(t, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y):
-        b, c, lane = t // NL // e, t // NL % e, t % NL  # t = (b · e + c) · NL + lane
+    def body(t, active, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y):
+        # t = (b · e + c) · NL + lane; threads past the end (active false) compute on the last
+        # index and store nothing, so that every lane takes part in the shuffles
+        b, c, lane = t // NL // e, t // NL % e, t % NL
         dt = T.alloc_buffer((1,), "float32", scope="local")
         acc = T.alloc_buffer((1,), "float32", scope="local")
         h = T.alloc_buffer((SPL,), "float32", scope="local")
         dt[0] = T.float32(0)
-        for j in range(r):
-            dt[0] = dt[0] + dbc[b, j] * dt_w[c, j]
+        for j in T.unroll(r):  # dt_proj stored (r, e): neighbouring channels read neighbouring words
+            dt[0] = dt[0] + dbc[b, j] * dt_w[j, c]
         dt[0] = clip_dt_expr(softplus_expr(dt[0] * scale(dbc, b, 0, r) + dt_bias[c]), s.dt_limit)
         acc[0] = T.float32(0)
-        for i in range(SPL):
+        for i in T.unroll(SPL):
             h[i] = (T.exp(dt[0] * A[c, lane * SPL + i]) * ssm_state[b, c, lane * SPL + i]
                     + dt[0] * proj[b, c] * dbc[b, r + lane * SPL + i] * scale(dbc, b, r, n))
-            ssm_state[b, c, lane * SPL + i] = h[i]
             acc[0] = acc[0] + h[i] * dbc[b, r + n + lane * SPL + i] * scale(dbc, b, r + n, n)
         reduce(acc)
-        if lane == 0:
-            y[b, c] = (acc[0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c])
+        if active:
+            for i in T.unroll(SPL):
+                ssm_state[b, c, lane * SPL + i] = h[i]
+            if lane == 0:
+                y[b, c] = (acc[0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c])
 
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
-                 dt_w: T.Buffer((e, r), "float32"), dt_bias: T.Buffer((e,), "float32"),
+                 dt_w: T.Buffer((r, e), "float32"), dt_bias: T.Buffer((e,), "float32"),
                  A: T.Buffer((e, n), "float32"), D: T.Buffer((e,), "float32"),
-                 ssm_state: T.Buffer((Bt, e, n), "float32", align=STATE_ALIGN), y: T.Buffer((Bt, e), "float32")):
+                 ssm_state: T.Buffer((Bt, e, n), "float32", **ROW_VIEW), y: T.Buffer((Bt, e), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    if bx * THREADS + tx < NT:
-                        body(bx * THREADS + tx, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
+                    body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
+                         proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
         else:
             for t in T.parallel(NT):
-                body(t, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
+                body(t, True, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
 
     return ssm_step
 
@@ -172,7 +176,7 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
     reduce = lane_reduce(NL)
 
     @T.macro
-    def body(t, proj, dt_bias, A, D, ssm_state, y):
+    def body(t, active, proj, dt_bias, A, D, ssm_state, y):
         # t = (b · e + c) · NL + lane, channel c = head · P + p; the head's group g reads B and C
         b, c, lane = t // NL // e, t // NL % e, t % NL
         hd, g = c // P, c // P // HPG
@@ -181,27 +185,29 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
         h = T.alloc_buffer((SPL,), "float32", scope="local")
         dt[0] = clip_dt_expr(softplus_expr(proj[b, DTO + hd] + dt_bias[hd]), s.dt_limit)
         acc[0] = T.float32(0)
-        for i in range(SPL):
+        for i in T.unroll(SPL):
             h[i] = (T.exp(dt[0] * A[hd]) * ssm_state[b, hd, c % P, lane * SPL + i]
                     + dt[0] * proj[b, XO + c] * proj[b, BO + g * n + lane * SPL + i])
-            ssm_state[b, hd, c % P, lane * SPL + i] = h[i]
             acc[0] = acc[0] + h[i] * proj[b, CO + g * n + lane * SPL + i]
         reduce(acc)
-        if lane == 0:
-            y[b, c] = acc[0] + D[hd] * proj[b, XO + c]
+        if active:
+            for i in T.unroll(SPL):
+                ssm_state[b, hd, c % P, lane * SPL + i] = h[i]
+            if lane == 0:
+                y[b, c] = acc[0] + D[hd] * proj[b, XO + c]
 
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, NI), "float32"), dt_bias: T.Buffer((H,), "float32"),
                  A: T.Buffer((H,), "float32"), D: T.Buffer((H,), "float32"),
-                 ssm_state: T.Buffer((Bt, H, P, n), "float32", align=STATE_ALIGN), y: T.Buffer((Bt, e), "float32")):
+                 ssm_state: T.Buffer((Bt, H, P, n), "float32", **ROW_VIEW), y: T.Buffer((Bt, e), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
-                    if bx * THREADS + tx < NT:
-                        body(bx * THREADS + tx, proj, dt_bias, A, D, ssm_state, y)
+                    body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
+                         proj, dt_bias, A, D, ssm_state, y)
         else:
             for t in T.parallel(NT):
-                body(t, proj, dt_bias, A, D, ssm_state, y)
+                body(t, True, proj, dt_bias, A, D, ssm_state, y)
 
     return ssm_step

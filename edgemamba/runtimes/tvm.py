@@ -47,8 +47,8 @@ def state_specs(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
 
 def param_specs(spec: ModelSpec, wdtype: str) -> list[tuple[str, tuple[int, ...], str]]:
     """The library's weight parameters in order: (name, shape, dtype). Matrices are stored (out, in)
-    as in torch, in `wdtype`; norms, conv, biases, Δ and SSM parameters stay float32, with
-    A = -exp(A_log) folded."""
+    as in torch, in `wdtype`, except dt_proj, transposed (".T"); norms, conv, biases, Δ and SSM
+    parameters stay float32, with A = -exp(A_log) folded."""
     d, e, n, f32 = spec.d_model, spec.d_inner, spec.d_state, "float32"
     out = [("embedding", (spec.vocab_size, d), wdtype)]
     for i in range(spec.n_layer):
@@ -61,7 +61,7 @@ def param_specs(spec: ModelSpec, wdtype: str) -> list[tuple[str, tuple[int, ...]
             out.append((p + "conv_bias", (spec.conv_dim,), f32))
         if spec.arch == "mamba1":
             r = spec.dt_rank
-            out += [(p + "x_proj", (r + 2 * n, e), wdtype), (p + "dt_proj", (e, r), f32), (p + "dt_bias", (e,), f32),
+            out += [(p + "x_proj", (r + 2 * n, e), wdtype), (p + "dt_proj.T", (r, e), f32), (p + "dt_bias", (e,), f32),
                     (p + "A", (e, n), f32), (p + "D", (e,), f32)]
         else:
             h = spec.n_heads
@@ -82,6 +82,8 @@ def pack_weights(spec: ModelSpec, weights: dict[str, np.ndarray], precision: str
     for name, shape, dtype in param_specs(spec, WEIGHT_DTYPES[precision]):
         if name.endswith(".A"):
             src = -np.exp(weights[name[:-1] + "A_log"].astype(np.float64))
+        elif name.endswith(".T"):
+            src = weights[name[:-2]].T
         else:
             src = weights[name]
         out[name] = np.ascontiguousarray(np.asarray(src).reshape(shape), dtype=dtype)
@@ -136,6 +138,8 @@ def load_runtime(device: str) -> None:
     except ImportError:
         raise EdgeMambaError("the TVM backend needs the apache-tvm-ffi package (pip install apache-tvm-ffi)") from None
     names = ["libtvm_runtime.so"] + (["libtvm_runtime_cuda.so"] if device == "cuda" else [])
+    if device == "cuda":
+        _preload_cudart()
     folder = runtime_dir()
     for name in names:
         path = folder / name
@@ -145,6 +149,30 @@ def load_runtime(device: str) -> None:
             ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # loading twice returns the same handle
         except OSError as e:
             raise EdgeMambaError(f"{path}: cannot load ({e})") from None
+
+
+def _preload_cudart() -> None:
+    """libtvm_runtime_cuda.so links libcudart.so.13: load it from where CUDA installs put it when
+    the dynamic loader's path lacks it (a CUDA toolkit, or the nvidia-cuda-runtime wheel)."""
+    try:
+        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
+    roots = [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    folders = [Path(r) / sub for r in roots if r for sub in ("lib64", "lib", "targets/x86_64-linux/lib",
+                                                             "targets/sbsa-linux/lib", "targets/aarch64-linux/lib")]
+    for spec_name in ("nvidia.cu13", "nvidia.cuda_runtime"):
+        try:
+            found = importlib.util.find_spec(spec_name)
+        except ModuleNotFoundError:
+            found = None
+        if found is not None and found.submodule_search_locations:
+            folders.append(Path(list(found.submodule_search_locations)[0]) / "lib")
+    for folder in folders:
+        for path in sorted(folder.glob("libcudart.so.13*")) if folder.is_dir() else []:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            return
 
 
 class _Cubins:
@@ -242,11 +270,11 @@ class _Cuda:
 
     def write(self, tensor, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
-        self._fn("runtime.TVMTensorCopyFromBytes")(tensor, arr.ctypes.data, arr.nbytes)
+        self._fn("runtime.TVMTensorCopyFromBytes")(tensor, ctypes.c_void_p(arr.ctypes.data), arr.nbytes)
 
     def read(self, host: "_DeviceArray", _tensor=None) -> np.ndarray:
         out = np.empty(host.shape, host.dtype)
-        self._fn("runtime.TVMTensorCopyToBytes")(host.tensor, out.ctypes.data, out.nbytes)
+        self._fn("runtime.TVMTensorCopyToBytes")(host.tensor, ctypes.c_void_p(out.ctypes.data), out.nbytes)
         return out
 
     def rows(self, host: "_DeviceArray", rows: slice):
@@ -276,8 +304,9 @@ class _DeviceArray:
 class _CudaGraphs:
     """Each bound step captured once into a CUDA graph (through the CUDA runtime's C API) and
     replayed per token: one launch instead of one per kernel. The first call of each runs
-    uncaptured, so the VM's memory pool is filled before capture (no allocation while capturing).
-    Falls back to plain calls if capture fails."""
+    uncaptured (it fills the VM's memory pool, so nothing is allocated while capturing) and is
+    then captured without being replayed: capture records, it does not execute. Falls back to
+    plain calls if capture fails."""
 
     def __init__(self, dev: _Cuda):
         self.dev, self.cudart = dev, _cudart()
@@ -294,6 +323,7 @@ class _CudaGraphs:
         if key not in self.execs:
             fn()
             self.execs[key] = self._capture(fn)
+            return
         exe = self.execs[key]
         if exe is None:
             fn()
@@ -353,6 +383,9 @@ class TvmBackend:
         self.vm = lib["vm_load_executable"]()
         self.vm["vm_initialization"](self.dev.dl_type, 0, 2, 1, 0, 2)  # device 0, pooled allocator; CPU host
         if weights is None:
+            if info["params"] is None:
+                raise EdgeMambaError(f"{artifact.path}: this artifact has no weights; pack them with "
+                                     "edgemamba.runtimes.tvm.pack_weights and pass weights=")
             weights = read_packed(artifact.path / WEIGHTS, info["params"])
         specs = param_specs(self.spec, WEIGHT_DTYPES[artifact.precision])
         missing = [n for n, _, _ in specs if n not in weights]

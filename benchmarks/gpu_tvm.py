@@ -1,0 +1,307 @@
+"""tvm-cuda on a GPU, side by side with mamba_ssm (../shared/anchors/gpu_peers.py): fp16, random weights.
+
+Two halves, because the GPU machine cannot take TVM's compiler:
+
+  python benchmarks/gpu_tvm.py build OUT [--arch sm_90]    # here: weightless tvm-cuda artifacts + runtime
+  python3 benchmarks/gpu_tvm.py run OUT [--peers]          # there: weights packed from a seed, checked, timed
+
+--peers runs OUT/gpu_peers.py (a copy of ../shared/anchors/gpu_peers.py, with mamba_ssm's source
+unpacked beside it as its README says) for the same models in the same run.
+
+`build` writes OUT/<model>.em (library + cubin, no weights; `compile_tvm_library`) and copies TVM's
+runtime libraries to OUT/runtime. `run` needs only those, apache-tvm-ffi and NumPy; torch is used for
+the greedy-decode loop's argmax and its CUDA graph, and for timing events.
+
+Per model, `run` reports:
+  - logits of the fp16 library against the NumPy reference on the same fp16-rounded weights
+    (prefill of 8 tokens, then 4 steps), max |Δ| / max |ref|
+  - decode ms/token, batch 1: the step (TVM kernels) + argmax + feeding the token back, captured in
+    one CUDA graph and replayed 256 times back to back (the same loop mamba_ssm's decode(cg=True) runs)
+  - the same through Session-style calls (ids up, logits down, host argmax), per token
+  - batch 8: one replay decodes 8 sequences; time relative to batch 1
+  - prefill of 2,048 tokens in one call, against stepping through them (2,048 × the decode time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgemamba.spec import ModelSpec  # noqa: E402
+
+VOCAB = 50280
+MODELS = {
+    "mamba-130m": ModelSpec(arch="mamba1", d_model=768, n_layer=24, vocab_size=VOCAB, d_inner=1536, d_state=16,
+                            d_conv=4, dt_rank=48),
+    "mamba-1.4b": ModelSpec(arch="mamba1", d_model=2048, n_layer=48, vocab_size=VOCAB, d_inner=4096, d_state=16,
+                            d_conv=4, dt_rank=128),
+    "mamba2-130m": ModelSpec(arch="mamba2", d_model=768, n_layer=24, vocab_size=VOCAB, d_inner=1536, d_state=128,
+                             d_conv=4, n_heads=24, head_dim=64, n_groups=1),
+}
+PEER_ARGS = {"mamba-130m": ("130m", "mamba1"), "mamba-1.4b": ("1.4b", "mamba1"), "mamba2-130m": ("130m", "mamba2")}
+BATCHES = (1, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# build (here, with the TVM compiler)
+# ---------------------------------------------------------------------------------------------
+def build(out: Path, arch: str, models: list[str]) -> None:
+    from edgemamba.kernels.tvm_build import compile_tvm_library
+    from edgemamba.runtimes.tvm import runtime_dir
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        t = time.perf_counter()
+        compile_tvm_library(MODELS[name], out / f"{name}.em", "tvm-cuda", "fp16", force=True, arch=arch,
+                            batches=BATCHES)
+        print(f"{name}: built in {time.perf_counter() - t:.0f} s")
+    (out / "runtime").mkdir(exist_ok=True)  # what the GPU machine needs of TVM: these two files
+    for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
+        shutil.copy(runtime_dir() / lib, out / "runtime" / lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# run (on the GPU machine, runtime only)
+# ---------------------------------------------------------------------------------------------
+def random_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    """Canonical weights initialised as mamba_ssm does (scaled so activations stay O(1)), rounded
+    to fp16 so that the reference sees exactly the values the library uses."""
+    rng = np.random.default_rng(seed)
+    e, n, d = spec.d_inner, spec.d_state, spec.d_model
+    w = {}
+    for name, shape in spec.weight_shapes().items():
+        leaf = name.split(".")[-1]
+        if leaf in ("norm", "norm_f", "gate_norm"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif leaf == "A_log":
+            a = np.log(np.broadcast_to(np.arange(1, n + 1), shape) if spec.arch == "mamba1"
+                       else rng.uniform(1, 16, shape))
+        elif leaf == "D":
+            a = np.ones(shape)
+        elif leaf == "dt_bias":
+            dt = np.exp(rng.uniform(math.log(1e-3), math.log(1e-1), shape))
+            a = dt + np.log(-np.expm1(-dt))  # softplus⁻¹
+        elif leaf == "conv_weight":
+            a = rng.uniform(-0.5, 0.5, shape)
+        elif leaf == "conv_bias":
+            a = rng.uniform(-0.1, 0.1, shape)
+        elif leaf == "dt_proj":
+            a = rng.uniform(-1, 1, shape) * spec.dt_rank ** -0.5
+        elif leaf == "out_proj":
+            a = rng.standard_normal(shape, dtype=np.float32) * (0.02 / math.sqrt(spec.n_layer))
+        else:  # embedding, in_proj, x_proj, lm_head
+            a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        w[name] = np.asarray(a, np.float32)
+    big = ("embedding", "lm_head", "in_proj", "x_proj", "out_proj")
+    return {k: v.astype(np.float16).astype(np.float32) if k.split(".")[-1] in big else v for k, v in w.items()}
+
+
+def run(out: Path, models: list[str], peers: bool, n_tokens: int) -> None:
+    os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(out / "runtime"))
+    import torch
+    import tvm_ffi
+
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; tvm_ffi {tvm_ffi.__version__}")
+    results = []
+    for name in models:
+        try:
+            results.append(_run_model(name, art_dir=out, n_tokens=n_tokens))
+        except Exception:  # report and go on to the next model: device time is scarce
+            import traceback
+
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    _peers_and_table(out, models, results, peers, n_tokens)
+
+
+def _run_model(name: str, art_dir: Path, n_tokens: int) -> dict:
+    import torch
+    import tvm_ffi
+
+    from edgemamba.artifact import load_artifact
+    from edgemamba.checkpoint import Checkpoint
+    from edgemamba.reference import Reference
+    from edgemamba.runtimes.tvm import TvmBackend, pack_weights
+
+    out = art_dir
+    spec = MODELS[name]
+    art = load_artifact(out / f"{name}.em")
+    t = time.perf_counter()
+    weights = random_weights(spec, seed=0)
+    packed = pack_weights(spec, weights, "fp16")
+    print(f"\n{name}: {spec.n_params / 1e6:.0f} M parameters, weights made in {time.perf_counter() - t:.1f} s")
+    res = {"model": name, "params_M": spec.n_params / 1e6,
+           "weight_bytes": sum(a.nbytes for a in packed.values())}
+
+    # -- correctness: prefill 8 tokens, then 4 steps, against the NumPy reference --------------
+    be = TvmBackend(art, 1, weights=packed)
+    ids = np.random.default_rng(1).integers(0, spec.vocab_size, 12)
+    ref_logits, _ = Reference(Checkpoint(spec, weights)).forward(ids[None])
+    got = [be.prefill(ids[:8], 0)] + [be.step(ids[t : t + 1])[0].copy() for t in range(8, 12)]
+    err = np.abs(np.stack(got) - ref_logits[0, 7:]).max() / np.abs(ref_logits[0, 7:]).max()
+    agree = int((np.stack(got).argmax(-1) == ref_logits[0, 7:].argmax(-1)).sum())
+    res["logits_rel_err"], res["argmax_agree"] = float(err), f"{agree}/5"
+    print(f"  logits vs reference: max|Δ|/max|ref| = {err:.2e}, argmax agrees {agree}/5")
+
+    # -- batch 8: each row decodes as it would alone ------------------------------------------------
+    b8 = TvmBackend(art, 8, weights=packed)
+    rows = np.random.default_rng(3).integers(0, spec.vocab_size, (8, 3))
+    for t in range(3):
+        both = b8.step(rows[:, t]).copy()
+    alone = []
+    for r in range(8):
+        be.reset(slice(0, 1))
+        for t in range(3):
+            last = be.step(rows[r, t : t + 1])[0].copy()
+        alone.append(last)
+    res["batch8_rel_err"] = float(np.abs(both - np.stack(alone)).max() / np.abs(np.stack(alone)).max())
+    print(f"  batch 8 vs 8 x batch 1: {res['batch8_rel_err']:.2e}")
+
+    # -- decode: step + argmax + feedback in one CUDA graph --------------------------------------
+    for batch in BATCHES:
+        bb = be if batch == 1 else b8
+        res[f"decode_ms_b{batch}"] = _graph_decode_ms(bb, n_tokens, torch, tvm_ffi)
+        print(f"  decode batch {batch}: {res[f'decode_ms_b{batch}']:.4f} ms per step (CUDA graph replay)")
+    res["batch8_over_batch1"] = res["decode_ms_b8"] / res["decode_ms_b1"]
+    res["kernels_b1"] = _kernel_profile(be, torch)
+
+    # -- Session-style step: ids up, logits down, host argmax -----------------------------------
+    tok = np.array([1])
+    be.step(tok)
+    t = time.perf_counter()
+    for _ in range(n_tokens):
+        tok = np.array([int(be.step(tok)[0].argmax())])
+    res["session_step_ms"] = (time.perf_counter() - t) / n_tokens * 1e3
+    print(f"  Session-style step (host logits): {res['session_step_ms']:.3f} ms/token")
+
+    # -- prefill 2048 vs stepping ------------------------------------------------------------------
+    prompt = np.random.default_rng(2).integers(0, spec.vocab_size, 2048)
+    be.reset(slice(0, 1))
+    be.prefill(prompt[:64], 0)  # warm-up (allocations, module load)
+    times = []
+    for _ in range(3):
+        be.reset(slice(0, 1))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        be.prefill(prompt, 0)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    res["prefill_2048_ms"] = float(np.median(times) * 1e3)
+    res["stepping_2048_ms"] = res["decode_ms_b1"] * 2048
+    res["prefill_speedup"] = res["stepping_2048_ms"] / res["prefill_2048_ms"]
+    print(f"  prefill 2048: {res['prefill_2048_ms']:.1f} ms; stepping: {res['stepping_2048_ms']:.1f} ms "
+          f"-> {res['prefill_speedup']:.1f}x")
+    # the state after prefill matches the state after stepping the same tokens
+    be.reset(slice(0, 1))
+    lp = be.prefill(prompt[:300], 0)
+    be.reset(slice(0, 1))
+    for tkn in prompt[:300]:
+        ls = be.step(np.array([tkn]))[0]
+    res["prefill_vs_step_rel"] = float(np.abs(lp - ls).max() / np.abs(ls).max())
+    print(f"  prefill(300) vs 300 steps: last logits differ by {res['prefill_vs_step_rel']:.2e} (relative)")
+    return res
+
+
+def _peers_and_table(out: Path, models: list[str], results: list[dict], peers: bool, n_tokens: int) -> None:
+    if peers:
+        for name in models:
+            size, arch = PEER_ARGS[name]
+            cmd = [sys.executable, str(out / "gpu_peers.py"), "--which", "mamba_ssm",
+                   "--size", size, "--arch", arch, "--n", str(n_tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+            peer = json.loads(line[0][7:]) if line else {"error": proc.stderr.strip()[-300:]}
+            for r in results:
+                if r["model"] == name:
+                    r["mamba_ssm"] = peer
+            print(f"mamba_ssm {name}: {peer}")
+
+    print("\nRESULTS " + json.dumps(results))
+    print(f"\n{'model':<13}{'TVM ms/tok':>11}{'b8/b1':>7}{'prefill x':>10}{'err':>10}{'mamba_ssm cg':>14}")
+    for r in results:
+        peer = r.get("mamba_ssm", {}).get("ms_per_token_cg1", float("nan"))
+        print(f"{r['model']:<13}{r['decode_ms_b1']:>11.4f}{r['batch8_over_batch1']:>7.2f}"
+              f"{r['prefill_speedup']:>10.1f}{r['logits_rel_err']:>10.1e}{peer:>14.3f}")
+
+
+def _kernel_profile(be, torch, steps: int = 20) -> list:
+    """Kernel launches of one batch-1 step (uncaptured), by kernel: (name, µs per step, launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            be._steps[0]()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            rows.append((ev.key[:60], us / steps, ev.count / steps))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print(f"  kernels per step: {sum(r[2] for r in rows):.0f}, busy {total:.1f} µs; largest:")
+    for name, us, n in rows[:6]:
+        print(f"    {us:8.1f} µs  {n:4.0f}×  {name}")
+    return [list(r) for r in rows]
+
+
+def _graph_decode_ms(be, n_tokens: int, torch, tvm_ffi) -> float:
+    """One CUDA graph: the TVM step on torch's stream, argmax, the argmax written back as the next
+    ids. Replayed n_tokens times; device time per replay from CUDA events (median of 3 runs)."""
+    ids = torch.from_dlpack(be._ids.tensor)  # the backend's buffers, seen by torch (no copy)
+    logits = torch.from_dlpack(be._logits.tensor)
+    steps = be._steps
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+        for _ in range(2):  # warm-up: the VM's memory pool fills outside the capture
+            for fn in steps:
+                fn()
+            ids.copy_(logits.argmax(-1).to(torch.int32))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream), tvm_ffi.use_torch_stream():
+        for fn in steps:
+            fn()
+        ids.copy_(logits.argmax(-1).to(torch.int32))
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n_tokens):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / n_tokens)
+    return float(np.median(times))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["build", "run"])
+    p.add_argument("out", type=Path)
+    p.add_argument("--arch", default="sm_90")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--peers", action="store_true", help="also run mamba_ssm's decoder (needs MAMBA_SSM_SRC)")
+    p.add_argument("--tokens", type=int, default=256)
+    a = p.parse_args()
+    models = a.models.split(",")
+    if a.mode == "build":
+        build(a.out, a.arch, models)
+    else:
+        run(a.out, models, a.peers, a.tokens)
+
+
+if __name__ == "__main__":
+    main()
