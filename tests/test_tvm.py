@@ -1,0 +1,348 @@
+"""TVM backend: each TIR kernel against its NumPy reference, tvm-llvm artifacts against the model
+reference (Mamba-1, Mamba-2, Falcon-Mamba, biases and untied head), loading with the runtime alone,
+CUDA code generation for sm_87 and sm_90 without a GPU, and tvm-aarch64 under qemu-user."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_logits_close, random_ids
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install apache-tvm==0.27.0.post1)")
+
+from edgemamba import EdgeMambaError, Session, load_checkpoint  # noqa: E402
+from edgemamba.artifact import compile_artifact, load_artifact  # noqa: E402
+from edgemamba.kernels import tvm_prefill as P  # noqa: E402
+from edgemamba.kernels.tvm_common import cpu_target  # noqa: E402
+from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel, gemv_reference  # noqa: E402
+from edgemamba.kernels.tvm_ssm import SsmStepSpec, ssm_step_kernel, ssm_step_reference  # noqa: E402
+from edgemamba.reference import Reference  # noqa: E402
+from edgemamba.spec import ModelSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCHES = (1, 2)  # compiled step batches: enough to exercise batch chunking, quick to build
+
+M1 = ModelSpec(arch="mamba1", d_model=64, n_layer=2, vocab_size=96, d_inner=128, d_state=8, d_conv=4, dt_rank=4)
+FALCON = ModelSpec(arch="mamba1", d_model=64, n_layer=2, vocab_size=96, d_inner=128, d_state=8, d_conv=4, dt_rank=5,
+                   bcdt_rms_eps=1e-5)
+M2 = ModelSpec(arch="mamba2", d_model=64, n_layer=2, vocab_size=96, d_inner=128, d_state=16, d_conv=4, n_heads=8,
+               head_dim=16, n_groups=2, dt_limit=(0.001, 5.0))
+
+GEMVS = {
+    "rms": GemvSpec(n=96, k=64, batch=1, norm="rms"),
+    "rms-conv-bias": GemvSpec(n=256, k=64, batch=3, norm="rms", bias=True, epilogue="conv", conv_lo=0, conv_hi=128),
+    "rms-conv-mamba2": GemvSpec(n=352, k=64, batch=2, norm="rms", epilogue="conv", conv_lo=128, conv_hi=320,
+                                conv_bias=False),
+    "slice": GemvSpec(n=80, k=128, batch=2, x_cols=256),
+    "residual-bias": GemvSpec(n=64, k=128, batch=2, epilogue="residual", bias=True),
+    "gated": GemvSpec(n=64, k=128, batch=2, norm="gated", groups=2, z_cols=352, epilogue="residual"),
+    "gated-norm-first-fp16": GemvSpec(n=64, k=128, batch=2, wdtype="float16", norm="gated", groups=2, norm_on_x=True,
+                                      z_cols=352, epilogue="residual"),
+    "fp16-odd-k": GemvSpec(n=100, k=48, batch=1, wdtype="float16", norm="rms"),
+}
+SSM_STEPS = {"mamba1": SsmStepSpec(M1, 3), "falcon": SsmStepSpec(FALCON, 1), "mamba2": SsmStepSpec(M2, 2)}
+MATMULS = {
+    "plain": P.MatmulSpec(96, 64),
+    "bias-residual": P.MatmulSpec(130, 48, bias=True, residual=True),
+    "slice": P.MatmulSpec(128, 5, x_cols=21),
+    "w-transposed": P.MatmulSpec(128, 5, x_cols=21, w_kn=True),
+    "fp16": P.MatmulSpec(64, 128, "float16", "float16", residual=True),
+}
+ROW_NORMS = {"rms": P.RowNormSpec(64), "rms-fp16": P.RowNormSpec(64, "float16"),
+             "gated": P.RowNormSpec(128, groups=2, gated=True, z_cols=352),
+             "gated-norm-first": P.RowNormSpec(128, groups=2, gated=True, norm_on_x=True, z_cols=352)}
+CONVS = {"mamba1": P.ConvChunkSpec(256, 0, 128, 4, True), "mamba2": P.ConvChunkSpec(352, 128, 320, 4, False)}
+SCANS = {"mamba1": P.ScanSpec(M1), "mamba2": P.ScanSpec(M2)}
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    """Every kernel above compiled for this CPU in one module (one compile)."""
+    funcs = [gemv_kernel(s, False) for s in GEMVS.values()]
+    funcs += [ssm_step_kernel(s, False) for s in SSM_STEPS.values()]
+    funcs += [P.matmul_kernel(s, False) for s in MATMULS.values()]
+    funcs += [P.row_norm_kernel(s, False) for s in ROW_NORMS.values()]
+    funcs += [P.conv_chunk_kernel(s, False) for s in CONVS.values()]
+    funcs += [P.scan_kernel(s, False) for s in SCANS.values()]
+    funcs += [P.bcdt_norm_kernel(FALCON, False), P.embed_kernel(96, 64, "float16", False)]
+    mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
+    lib = tvm.compile(mod, target=cpu_target())
+    return lambda f: lib[f.attrs["global_symbol"]]
+
+
+def _call(kernel, names, arrays):
+    """Run a kernel on copies of `arrays` (name -> ndarray) in `names` order; returns the copies."""
+    tensors = {n: tvm.runtime.tensor(arrays[n]) for n in names}
+    kernel(*(tensors[n] for n in names))
+    return {n: t.numpy() for n, t in tensors.items()}
+
+
+def _rel(actual, expected):
+    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", list(GEMVS))
+def test_gemv_kernel_matches_numpy(name, cpu_kernels):
+    s = GEMVS[name]
+    rng = np.random.default_rng(0)
+    C = max(s.n_conv, 1)
+    a = {"x": rng.standard_normal((s.batch, s.xw)), "z": rng.standard_normal((s.batch, s.z_cols or 1)),
+         "norm_w": 1 + 0.3 * rng.standard_normal(s.k), "W": rng.standard_normal((s.n, s.k)) / np.sqrt(s.k),
+         "bias": rng.standard_normal(s.n), "conv_w": rng.standard_normal((C, s.d_conv)),
+         "conv_b": rng.standard_normal(C), "conv_state": rng.standard_normal((s.batch, C, s.d_conv - 1)),
+         "out": rng.standard_normal((s.batch, s.n))}
+    a = {k: v.astype(s.wdtype if k == "W" else np.float32) for k, v in a.items()}
+    got = _call(cpu_kernels(gemv_kernel(s, False)), s.params, a)
+    ref = {k: v.astype(np.float64) for k, v in a.items()}
+    expected = gemv_reference(s, ref["x"], ref["W"], **{k: ref[k] for k in s.params if k not in ("x", "W")})
+    assert _rel(got["out"], expected) < 1e-5
+    if "conv_state" in s.params:  # the conv state moved by one step, in place
+        assert _rel(got["conv_state"], ref["conv_state"]) < 1e-6
+        assert np.array_equal(got["conv_state"][:, :, :-1], a["conv_state"][:, :, 1:])
+
+
+@pytest.mark.parametrize("name", list(SSM_STEPS))
+def test_ssm_step_kernel_updates_state_in_place(name, cpu_kernels):
+    k = SSM_STEPS[name]
+    s, rng = k.spec, np.random.default_rng(1)
+    per = s.d_inner if s.arch == "mamba1" else s.n_heads
+    a = {"proj": rng.standard_normal((k.batch, s.in_proj_dim)), "dbc": rng.standard_normal((k.batch, s.dt_rank + 2 * s.d_state)),
+         "dt_w": 0.3 * rng.standard_normal((s.dt_rank, s.d_inner)), "dt_bias": rng.standard_normal(per),
+         "A": -np.exp(rng.standard_normal((s.d_inner, s.d_state) if s.arch == "mamba1" else (s.n_heads,))),
+         "D": rng.standard_normal(per), "ssm_state": rng.standard_normal(s.ssm_state_shape(k.batch)),
+         "y": np.zeros((k.batch, s.d_inner))}
+    a = {key: v.astype(np.float32) for key, v in a.items()}
+    got = _call(cpu_kernels(ssm_step_kernel(k, False)), k.params, a)
+    ref = {key: v.astype(np.float64) for key, v in a.items()}
+    y = ssm_step_reference(k, ref["proj"], ref["ssm_state"],
+                           **{key: ref[key] for key in k.params if key not in ("proj", "ssm_state", "y")})
+    assert _rel(got["y"], y) < 1e-5
+    assert _rel(got["ssm_state"], ref["ssm_state"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(MATMULS))
+def test_matmul_kernel_matches_numpy(name, cpu_kernels):
+    s, rng, t = MATMULS[name], np.random.default_rng(2), 37  # 37 rows: a partial row tile
+    a = {"x": rng.standard_normal((t, s.xw)).astype(s.adtype), "W": rng.standard_normal(s.w_shape).astype(s.wdtype),
+         "bias": rng.standard_normal(s.n).astype(np.float32), "res": rng.standard_normal((t, s.n)).astype(np.float32),
+         "out": np.zeros((t, s.n), np.float32)}
+    got = _call(cpu_kernels(P.matmul_kernel(s, False)), s.params, a)
+    assert _rel(got["out"], P.matmul_reference(s, a["x"], a["W"], a["bias"], a["res"])) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(ROW_NORMS))
+def test_row_norm_kernel_matches_numpy(name, cpu_kernels):
+    s, rng, t = ROW_NORMS[name], np.random.default_rng(3), 11
+    a = {"x": rng.standard_normal((t, s.k)).astype(np.float32), "z": rng.standard_normal((t, s.z_cols)).astype(np.float32),
+         "w": rng.standard_normal(s.k).astype(np.float32), "out": np.zeros((t, s.k), s.out_dtype)}
+    got = _call(cpu_kernels(P.row_norm_kernel(s, False)), s.params, a)
+    expected = P.row_norm_reference(s, a["x"].astype(np.float64), a["w"], a["z"])
+    assert _rel(got["out"], expected) < (1e-3 if s.out_dtype == "float16" else 1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("t", [37, 2])  # a chunk shorter than the conv window too
+def test_conv_chunk_kernel_carries_state(name, t, cpu_kernels):
+    s, rng = CONVS[name], np.random.default_rng(4)
+    C = s.hi - s.lo
+    a = {"proj": rng.standard_normal((t, s.cols)), "conv_w": rng.standard_normal((C, s.d_conv)),
+         "conv_b": rng.standard_normal(C), "conv_state": rng.standard_normal((1, C, s.d_conv - 1))}
+    a = {k: v.astype(np.float32) for k, v in a.items()}
+    got = _call(cpu_kernels(P.conv_chunk_kernel(s, False)), s.params, a)
+    ref = {k: v.astype(np.float64) for k, v in a.items()}
+    P.conv_chunk_reference(s, ref["proj"], ref["conv_w"], ref["conv_state"], ref["conv_b"] if s.conv_bias else None)
+    assert _rel(got["proj"], ref["proj"]) < 1e-5 and _rel(got["conv_state"], ref["conv_state"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_scan_kernel_equals_repeated_steps(name, cpu_kernels):
+    k, rng, t = SCANS[name], np.random.default_rng(5), 23
+    s = k.spec
+    per = s.d_inner if s.arch == "mamba1" else s.n_heads
+    a = {"proj": rng.standard_normal((t, s.in_proj_dim)), "dbc": rng.standard_normal((t, s.dt_rank + 2 * s.d_state)),
+         "dt": rng.standard_normal((t, s.d_inner)), "dt_bias": rng.standard_normal(per),
+         "A": -np.exp(rng.standard_normal((s.d_inner, s.d_state) if s.arch == "mamba1" else (s.n_heads,))),
+         "D": rng.standard_normal(per), "ssm_state": rng.standard_normal(s.ssm_state_shape(1)),
+         "y": np.zeros((t, s.d_inner))}
+    a = {key: v.astype(np.float32) for key, v in a.items()}
+    got = _call(cpu_kernels(P.scan_kernel(k, False)), k.params, a)
+    ref = {key: v.astype(np.float64) for key, v in a.items()}
+    y = P.scan_reference(k, ref["proj"], ref["ssm_state"],
+                         **{key: ref[key] for key in k.params if key not in ("proj", "ssm_state", "y")})
+    assert _rel(got["y"], y) < 1e-5 and _rel(got["ssm_state"], ref["ssm_state"]) < 1e-5
+
+
+def test_bcdt_norm_and_embed_kernels(cpu_kernels):
+    rng = np.random.default_rng(6)
+    dbc = rng.standard_normal((9, FALCON.dt_rank + 2 * FALCON.d_state)).astype(np.float32)
+    got = _call(cpu_kernels(P.bcdt_norm_kernel(FALCON, False)), ["dbc"], {"dbc": dbc})["dbc"]
+    ref = dbc.astype(np.float64)
+    P.bcdt_norm_reference(FALCON, ref)
+    assert _rel(got, ref) < 1e-6
+    E, ids = rng.standard_normal((96, 64)).astype(np.float16), rng.integers(0, 96, 7).astype(np.int32)
+    got = _call(cpu_kernels(P.embed_kernel(96, 64, "float16", False)), ["ids", "E", "h"],
+                {"ids": ids, "E": E, "h": np.zeros((7, 64), np.float32)})["h"]
+    assert np.array_equal(got, E[ids].astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts
+# ---------------------------------------------------------------------------------------------
+ARTIFACT_KINDS = {"mamba": "fp32", "mamba-untied-bias": "fp32", "falcon": "fp16", "mamba2-g2-tied": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def llvm_artifacts(tmp_path_factory, hf_dirs):
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            ck = load_checkpoint(hf_dirs(kind)[1])
+            art = compile_artifact(ck, tmp_path_factory.mktemp("tvm") / f"{kind}.em", "tvm-llvm", ARTIFACT_KINDS[kind],
+                                   batches=BATCHES)
+            cache[kind] = (ck, art)
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", list(ARTIFACT_KINDS))
+def test_llvm_artifact_matches_reference(kind, llvm_artifacts):
+    ck, art = llvm_artifacts(kind)
+    assert art.manifest["tvm"]["params"] is not None and "weights.bin" in art.manifest["files"]
+    assert (art.path / "model.so").stat().st_size < 2 << 20  # weights are parameters, not constants
+    ids = random_ids((40,), seed=7)
+    full, _ = Reference(ck).forward(ids[None])
+    session = Session(art)
+    session.prefill_chunk = 13  # several prefill calls carry the state between them
+    logits = [session.prefill(ids[:30])] + [session.step([t])[0].copy() for t in ids[30:]]
+    rel = 2e-3 if ARTIFACT_KINDS[kind] == "fp16" else 1e-4
+    assert_logits_close(np.stack(logits), full[0, 29:], rel=rel)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2-g2-tied"])
+def test_llvm_batch_beyond_compiled_sizes_and_state_snapshots(kind, llvm_artifacts):
+    ck, art = llvm_artifacts(kind)
+    ids = random_ids((3, 6), seed=3)  # batch 3 with step_1 and step_2 compiled: chunks of 2 and 1 rows
+    full, _ = Reference(ck).forward(ids)
+    session = Session(art, batch=3)
+    got = np.stack([session.step(ids[:, t]).copy() for t in range(6)], axis=1)
+    assert_logits_close(got, full, rel=1e-4)
+    # a sequence's state moved to another row continues identically
+    state = session.get_state(1)
+    session.reset(0)
+    session.set_state(state, 0)
+    nxt = session.step([5, 5, 5])
+    assert np.allclose(nxt[0], nxt[1], atol=1e-6)
+
+
+def test_greedy_generation_equals_reference(llvm_artifacts):
+    ck, art = llvm_artifacts("mamba2-g2-tied")
+    prompt = random_ids((10,), seed=11)
+    assert list(Session(art).generate(prompt, 15, stop=[])) == Reference(ck).greedy(prompt, 15)
+
+
+def test_library_loads_with_the_runtime_alone(llvm_artifacts):
+    """A fresh process with no `tvm` import: only apache-tvm-ffi and libtvm_runtime.so."""
+    ck, art = llvm_artifacts("mamba")
+    code = f"""
+import sys, numpy as np
+sys.path.insert(0, {str(ROOT)!r})
+from edgemamba.artifact import load_artifact
+from edgemamba.runtimes.tvm import TvmBackend
+backend = TvmBackend(load_artifact({str(art.path)!r}), 1)
+logits = backend.prefill(np.array([1, 2, 3]), 0)
+maps = open("/proc/self/maps").read()
+print(int("tvm" in sys.modules), int("libtvm_compiler" in maps), int("libtvm_runtime.so" in maps))
+np.save(sys.argv[1], logits)
+"""
+    out = Path(art.path).parent / "runtime_only.npy"
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["0", "0", "1"]
+    full, _ = Reference(ck).forward(np.array([[1, 2, 3]]))
+    assert_logits_close(np.load(out), full[0, -1], rel=1e-4)
+
+
+def test_weightless_library_takes_weights_packed_elsewhere(tmp_path):
+    from edgemamba.kernels.tvm_build import compile_tvm_library
+    from edgemamba.checkpoint import Checkpoint
+    from edgemamba.runtimes.tvm import TvmBackend, pack_weights
+
+    art = compile_tvm_library(M1, tmp_path / "lib.em", "tvm-llvm", "fp32", batches=(1,))
+    assert "weights.bin" not in art.manifest["files"]
+    with pytest.raises(EdgeMambaError, match="no weights"):
+        TvmBackend(art, 1)
+    rng = np.random.default_rng(8)
+    weights = {k: (0.1 * rng.standard_normal(shape)).astype(np.float32) for k, shape in M1.weight_shapes().items()}
+    backend = TvmBackend(art, 1, weights=pack_weights(M1, weights, "fp32"))
+    full, _ = Reference(Checkpoint(M1, weights)).forward(np.array([[3, 1, 4, 1]]))
+    assert_logits_close(backend.prefill(np.array([3, 1, 4, 1]), 0), full[0, -1], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: code generation and cubin without a GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
+def test_cuda_library_and_cubin_build_without_a_gpu(arch, tmp_path):
+    from edgemamba.kernels.tvm_build import compile_tvm_library
+
+    art = compile_tvm_library(M2, tmp_path / f"{arch}.em", "tvm-cuda", "fp16", arch=arch, batches=(1,))
+    info = art.manifest["tvm"]
+    cubin = (art.path / f"kernels.{arch}.cubin").read_bytes()
+    assert info["device"] == "cuda" and info["arch"] == arch and list(info["cubins"]) == [f"kernels.{arch}.cubin"]
+    assert cubin[:4] == b"\x7fELF"
+    e_flags = int.from_bytes(cubin[48:52], "little")
+    assert (e_flags >> 8) & 0xFF == int(arch[3:])  # machine code for that SM, not PTX for the driver to compile
+
+
+@pytest.mark.gpu
+def test_cuda_artifact_on_the_gpu(tmp_path, hf_dirs):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or shutil.which("nvcc") is None:
+        pytest.skip("needs a CUDA GPU and nvcc")
+    major, minor = torch.cuda.get_device_capability()
+    ck = load_checkpoint(hf_dirs("mamba")[1])
+    art = compile_artifact(ck, tmp_path / "cuda.em", "tvm-cuda", "fp32", arch=f"sm_{major}{minor}", batches=(1,))
+    ids = random_ids((20,), seed=9)
+    full, _ = Reference(ck).forward(ids[None])
+    session = Session(art)
+    logits = [session.prefill(ids[:12])] + [session.step([t])[0].copy() for t in ids[12:]]
+    assert_logits_close(np.stack(logits), full[0, 11:], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# aarch64: cross-compiled library and host program, run under qemu-user
+# ---------------------------------------------------------------------------------------------
+A64_RUNTIME = os.environ.get("EDGEMAMBA_TVM_AARCH64_RUNTIME")  # folder with aarch64 libtvm_runtime.so, libtvm_ffi.so
+
+
+@pytest.mark.skipif(not (A64_RUNTIME and shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+                    reason="needs aarch64-linux-gnu-g++, qemu-aarch64 and EDGEMAMBA_TVM_AARCH64_RUNTIME "
+                           "(scripts/tvm_aarch64_runtime.sh prepares it)")
+def test_aarch64_artifact_under_qemu(tmp_path, hf_dirs):
+    import tvm_ffi
+
+    ck = load_checkpoint(hf_dirs("mamba2-g2-tied")[1])
+    art = compile_artifact(ck, tmp_path / "a64.em", "tvm-aarch64", "fp32", batches=(1,))
+    assert b"\xb7\x00" == (art.path / "model.so").read_bytes()[18:20]  # ELF e_machine: AArch64
+    host = tmp_path / "tvm_host"
+    include = Path(tvm_ffi.__file__).parent / "include"
+    subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O1", str(ROOT / "edgemamba/runtimes/tvm_host.cc"),
+                    f"-I{include}", f"-L{A64_RUNTIME}", "-ltvm_runtime", "-ltvm_ffi", "-o", str(host)], check=True)
+    ids = random_ids((12,), seed=4)
+    plan = tmp_path / "plan.txt"
+    plan.write_text("prefill " + " ".join(map(str, ids[:8])) + "\n" + "".join(f"step {t}\n" for t in ids[8:]))
+    sysroot = "/usr/aarch64-linux-gnu"
+    subprocess.run(["qemu-aarch64", "-L", sysroot, "-E", f"LD_LIBRARY_PATH={A64_RUNTIME}", str(host), str(art.path),
+                    str(plan), str(tmp_path / "out.bin")], check=True, timeout=300)
+    got = np.fromfile(tmp_path / "out.bin", np.float32).reshape(5, -1)
+    full, _ = Reference(ck).forward(ids[None])
+    assert_logits_close(got, full[0, 7:], rel=1e-4)
+    assert json.loads((art.path / "manifest.json").read_text())["target"] == "tvm-aarch64"
+    assert load_artifact(art.path).target == "tvm-aarch64"
