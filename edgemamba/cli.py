@@ -163,7 +163,10 @@ def compile_cmd(checkpoint, target, precision, output, recipe, calib, calib_toke
     parts = ", ".join(f"{name} {_fmt_bytes(info['bytes'])}" for name, info in files.items())
     click.echo(f"  artifact size   {_fmt_bytes(total)} ({parts})")
     click.echo(f"  state           {_fmt_bytes(art.manifest['state_bytes_per_sequence'])} per sequence, constant in context length")
-    click.echo(f"  expected memory ~{_fmt_bytes(files['weights.bin']['bytes'] + art.manifest['state_bytes_per_sequence'])} weights + state, "
+    # what the runtime holds: the engines (each holds its own weights) where there are engines, else weights.bin
+    engines = [info["bytes"] for name, info in files.items() if name.endswith(".engine")]
+    resident = sum(engines) if engines else files["weights.bin"]["bytes"]
+    click.echo(f"  expected memory ~{_fmt_bytes(resident + art.manifest['state_bytes_per_sequence'])} weights + state, "
                "plus runtime workspace")
     if fit_note:
         click.echo(f"  device          {fit_note}")
