@@ -18,15 +18,33 @@ ROW_VIEW = {"align": 4, "offset_factor": 1}
 FULL_MASK = tirx.const(0xFFFFFFFF, "uint32")
 
 
-def silu_expr(x):
+def exp_expr(x, fast: bool = False):
+    """exp(x). fast: Cephes' expf as plain arithmetic (range reduction, degree-6 polynomial, 2^n
+    by building the float's bits), within 2 ulp for |x| < 88; for CPU kernels, where LLVM has no
+    vector exp and calls libm's expf once per element."""
+    if not fast:
+        return tirx.exp(x)
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+    x = tirx.max(tirx.min(x, f32(88.3762626647949)), f32(-88.3762626647949))
+    n = tirx.floor(x * f32(1.44269504088896341) + f32(0.5))
+    r = x - n * f32(0.693359375) + n * f32(2.12194440e-4)  # x - n·ln 2, in two parts
+    p = f32(1.9875691500e-4)
+    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + f32(coef)
+    p = p * r * r + r + f32(1.0)
+    two_n = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    return p * two_n
+
+
+def silu_expr(x, fast: bool = False):
     """x·sigmoid(x) as x / (1 + exp(-x)): exp overflows to inf for very negative x, giving -0, not NaN."""
-    return x / (tirx.const(1.0, "float32") + tirx.exp(-x))
+    return x / (tirx.const(1.0, "float32") + exp_expr(-x, fast))
 
 
-def softplus_expr(x):
+def softplus_expr(x, fast: bool = False):
     """softplus with the usual guard: x itself above 20 (DESIGN.md numerics)."""
     return tirx.Select(x > tirx.const(20.0, "float32"), x,
-                       tirx.log1p(tirx.exp(tirx.min(x, tirx.const(20.0, "float32")))))
+                       tirx.log1p(exp_expr(tirx.min(x, tirx.const(20.0, "float32")), fast)))
 
 
 def clip_dt_expr(dt, dt_limit: tuple[float, float]):
@@ -47,16 +65,29 @@ def rsum(terms):
 
 
 def lane_reduce(lanes: int):
-    """Macro: sum buf[0] over groups of `lanes` consecutive threads; lane 0 ends with it."""
+    """Macro: sum buf[w, 0] over groups of `lanes` consecutive threads; lane 0 ends with it."""
 
     @T.macro
-    def reduce(buf):
+    def reduce(buf, w):
         if lanes > 1:
             for i in T.unroll(int(np.log2(lanes))):
-                buf[0] = buf[0] + T.tvm_warp_shuffle_down(FULL_MASK, buf[0], (lanes // 2) >> i,
-                                                          lanes, 32)
+                buf[w, 0] = buf[w, 0] + T.tvm_warp_shuffle_down(FULL_MASK, buf[w, 0], (lanes // 2) >> i, lanes, 32)
 
     return reduce
+
+
+def cpu_workers(items: int, max_workers: int = 64) -> tuple[int, int]:
+    """(workers, items per worker) for a CPU kernel's parallel loop. Scratch a work item needs is
+    allocated once per call, a 64-byte row per worker, outside the parallel loop: TVM turns an
+    allocation inside a parallel loop into a heap call (TVMBackendAllocWorkspace) per iteration."""
+    workers = min(items, max_workers)
+    return workers, (items + workers - 1) // workers
+
+
+def padded(n: int, quantum: int = 16) -> int:
+    """n rounded up to whole 64-byte rows of float32: scratch rows of neighbouring workers never
+    share a cache line."""
+    return (n + quantum - 1) // quantum * quantum
 
 
 def vector_width(dtype: str, k: int) -> int:

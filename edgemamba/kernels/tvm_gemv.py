@@ -29,7 +29,7 @@ from dataclasses import dataclass  # no `from __future__ import annotations`: TV
 import numpy as np
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW, drop_unused_params, rsum, silu_expr, vector_width
+from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW, cpu_workers, drop_unused_params, rsum, silu_expr, vector_width
 from edgemamba.reference import rms_norm, silu
 
 EPILOGUES = ("store", "residual", "conv")
@@ -144,7 +144,7 @@ def _shapes(s: GemvSpec):
                 cw=(C, s.d_conv), cb=(C,), cs=(B, C, s.d_conv - 1), out=(B, s.n))
 
 
-def _epilogue(s: GemvSpec):
+def _epilogue(s: GemvSpec, gpu: bool):
     """Macro: the finished dot product `yv` of row n, sequence b, lands in `out`."""
     lo, hi, KC = s.conv_lo, s.conv_hi, s.d_conv
 
@@ -163,7 +163,7 @@ def _epilogue(s: GemvSpec):
             if lo <= n and n < hi:
                 # window = (conv_state[b, c, :], y): the conv output, then the state shifts left
                 # by one and y enters last
-                out[b, n] = silu_expr(_conv_dot(cw, cb, cs, b, n - lo, _biased(yv, bias, n)))
+                out[b, n] = silu_expr(_conv_dot(cw, cb, cs, b, n - lo, _biased(yv, bias, n)), not gpu)
                 for j in range(KC - 2):
                     cs[b, n - lo, j] = cs[b, n - lo, j + 1]
                 cs[b, n - lo, KC - 2] = _biased(yv, bias, n)
@@ -185,7 +185,7 @@ def _gemv_gpu(s: GemvSpec):
     TY = 4  # warps per block
     NBLK = (N + TY * RW - 1) // (TY * RW)
     sh = _shapes(s)
-    epilogue = _epilogue(s)
+    epilogue = _epilogue(s, True)
     normed, gated = s.norm != "", s.norm == "gated"
 
     def combine(acc, ss, r, b):  # y = Σ_g rstd_g · dot_g (ss holds rstd by then)
@@ -265,8 +265,9 @@ def _gemv_cpu(s: GemvSpec):
     GS = K // G
     VL = 16  # accumulator lanes: one AVX-512 register of float32 (LLVM splits it where narrower)
     KV = K // VL * VL
+    NW, PER = cpu_workers(N)  # rows in parallel, PER rows a worker
     sh = _shapes(s)
-    epilogue = _epilogue(s)
+    epilogue = _epilogue(s, False)
     normed, gated = s.norm != "", s.norm == "gated"
 
     @T.prim_func(private=True)
@@ -285,27 +286,28 @@ def _gemv_cpu(s: GemvSpec):
                     if gated:
                         if s.norm_on_x:
                             ss[b, g] = ss[b, g] + u[b, g * GS + i] * u[b, g * GS + i]
-                        u[b, g * GS + i] = u[b, g * GS + i] * silu_expr(z[b, s.z_off + g * GS + i])
+                        u[b, g * GS + i] = u[b, g * GS + i] * silu_expr(z[b, s.z_off + g * GS + i], True)
                     if normed and not (gated and s.norm_on_x):
                         ss[b, g] = ss[b, g] + u[b, g * GS + i] * u[b, g * GS + i]
                 if normed:
                     ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
                     for i in range(GS):
                         u[b, g * GS + i] = u[b, g * GS + i] * ss[b, g] * norm_w[g * GS + i]
-        for n in T.parallel(N):
-            acc = T.alloc_buffer((B, VL), "float32", scope="local")
-            for b in range(B):
-                for v in T.vectorized(VL):
-                    acc[b, v] = T.float32(0)
-            for ko in range(K // VL):
-                for b in range(B):
-                    for v in T.vectorized(VL):
-                        acc[b, v] = acc[b, v] + u[b, ko * VL + v] * T.Cast("float32", W[n, ko * VL + v])
-            for b in range(B):
-                for i in range(K - KV):
-                    acc[b, 0] = acc[b, 0] + u[b, KV + i] * T.Cast("float32", W[n, KV + i])
-                for v in range(1, VL):
-                    acc[b, 0] = acc[b, 0] + acc[b, v]
-                epilogue(out, bias, conv_w, conv_b, conv_state, b, n, acc[b, 0])
+        acc = T.alloc_buffer((NW, B, VL), "float32")  # each worker's accumulators: 64-byte rows
+        for w in T.parallel(NW):
+            for i in range(PER):
+                if w * PER + i < N:
+                    for b in T.unroll(B):
+                        for v in T.vectorized(VL):
+                            acc[w, b, v] = T.float32(0)
+                    for ko in range(K // VL):
+                        for b in T.unroll(B):
+                            for v in T.vectorized(VL):
+                                acc[w, b, v] = acc[w, b, v] + u[b, ko * VL + v] * T.Cast("float32", W[w * PER + i, ko * VL + v])
+                    for b in T.unroll(B):
+                        for j in range(K - KV):
+                            acc[w, b, 0] = acc[w, b, 0] + u[b, KV + j] * T.Cast("float32", W[w * PER + i, KV + j])
+                        epilogue(out, bias, conv_w, conv_b, conv_state, b, w * PER + i,
+                                 rsum([acc[w, b, v] for v in range(VL)]))
 
     return gemv

@@ -20,7 +20,8 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW, c_name, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr, softplus_expr
+from edgemamba.kernels.tvm_common import (FULL_MASK, ROW_VIEW, c_name, clip_dt_expr, drop_unused_params, exp_expr,
+                                          lane_reduce, rsum, silu_expr, softplus_expr)
 from edgemamba.reference import rms_norm, silu
 from edgemamba.spec import ModelSpec
 
@@ -112,14 +113,14 @@ def row_norm_kernel(s: RowNormSpec, gpu: bool):
     ZC = s.z_cols if s.gated else 1
 
     def value(x, z, i, k):  # x, or x·silu(z): what the norm's statistics see when gated on u
-        return x[i, k] * silu_expr(z[i, s.z_off + k]) if s.gated else x[i, k]
+        return x[i, k] * silu_expr(z[i, s.z_off + k], not gpu) if s.gated else x[i, k]
 
     def stat(x, z, i, k):
         return x[i, k] if s.norm_on_x else value(x, z, i, k)
 
     def final(x, z, w, i, k, rstd):
         u = (x[i, k] if s.norm_on_x else value(x, z, i, k)) * rstd * w[k]
-        return T.Cast(s.out_dtype, u * silu_expr(z[i, s.z_off + k]) if s.norm_on_x else u)
+        return T.Cast(s.out_dtype, u * silu_expr(z[i, s.z_off + k], not gpu) if s.norm_on_x else u)
 
     @T.prim_func(private=True)
     def row_norm(x: T.Buffer((t, K), "float32"), z: T.Buffer((t, ZC), "float32"), w: T.Buffer((K,), "float32"),
@@ -412,7 +413,7 @@ def conv_chunk_kernel(s: ConvChunkSpec, gpu: bool):
         for i in range(t):
             win[KC - 1] = proj[i, s.lo + c]
             proj[i, s.lo + c] = silu_expr(rsum([conv_w[c, j] * win[j] for j in range(KC)]
-                                                + ([conv_b[c]] if s.conv_bias else [])))
+                                                + ([conv_b[c]] if s.conv_bias else [])), not gpu)
             for j in range(KC - 1):
                 win[j] = win[j + 1]
         for j in range(KC - 1):
@@ -535,6 +536,7 @@ def _scan1(k: ScanSpec, gpu: bool):
     SPL = n // NL
     NT = e * NL
     reduce = lane_reduce(NL)
+    state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
 
     @T.macro
     def channel(proj, dbc, dt, dt_bias, A, D, ssm_state, y, th, active):
@@ -543,21 +545,22 @@ def _scan1(k: ScanSpec, gpu: bool):
         c, lane = th // NL, th % NL
         h = T.alloc_buffer((SPL,), "float32", scope="local")
         a = T.alloc_buffer((SPL,), "float32", scope="local")
-        acc = T.alloc_buffer((1,), "float32", scope="local")
+        acc = T.alloc_buffer((1, 1), "float32", scope="local")
         delta = T.alloc_buffer((1,), "float32", scope="local")
         for j in T.unroll(SPL):
             h[j] = ssm_state[0, c, lane * SPL + j]
             a[j] = A[c, lane * SPL + j]
         for i in range(t):
-            delta[0] = clip_dt_expr(softplus_expr(dt[i, c] + dt_bias[c]), s.dt_limit)
-            acc[0] = T.float32(0)
+            delta[0] = clip_dt_expr(softplus_expr(dt[i, c] + dt_bias[c], not gpu), s.dt_limit)
+            acc[0, 0] = T.float32(0)
+            for j in state_loop(SPL):
+                h[j] = exp_expr(delta[0] * a[j], not gpu) * h[j] + delta[0] * proj[i, c] * dbc[i, r + lane * SPL + j]
             for j in T.unroll(SPL):
-                h[j] = T.exp(delta[0] * a[j]) * h[j] + delta[0] * proj[i, c] * dbc[i, r + lane * SPL + j]
-                acc[0] = acc[0] + h[j] * dbc[i, r + n + lane * SPL + j]
-            reduce(acc)
+                acc[0, 0] = acc[0, 0] + h[j] * dbc[i, r + n + lane * SPL + j]
+            reduce(acc, 0)
             if active:
                 if lane == 0:
-                    y[i, c] = T.Cast(k.y_dtype, (acc[0] + D[c] * proj[i, c]) * silu_expr(proj[i, e + c]))
+                    y[i, c] = T.Cast(k.y_dtype, (acc[0, 0] + D[c] * proj[i, c]) * silu_expr(proj[i, e + c], not gpu))
         if active:
             for j in T.unroll(SPL):
                 ssm_state[0, c, lane * SPL + j] = h[j]
@@ -589,27 +592,29 @@ def _scan2(k: ScanSpec, gpu: bool):
     NT = e * NL
     XO, BO, CO, DTO = e, 2 * e, 2 * e + G * n, e + s.conv_dim
     reduce = lane_reduce(NL)
+    state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
 
     @T.macro
     def channel(proj, dt_bias, A, D, ssm_state, y, th, active):
         c, lane = th // NL, th % NL  # channel c = head · P + p
         hd, g = c // P, c // P // HPG
         h = T.alloc_buffer((SPL,), "float32", scope="local")
-        acc = T.alloc_buffer((1,), "float32", scope="local")
+        acc = T.alloc_buffer((1, 1), "float32", scope="local")
         delta = T.alloc_buffer((1,), "float32", scope="local")
         for j in T.unroll(SPL):
             h[j] = ssm_state[0, hd, c % P, lane * SPL + j]
         for i in range(t):
-            delta[0] = clip_dt_expr(softplus_expr(proj[i, DTO + hd] + dt_bias[hd]), s.dt_limit)
-            acc[0] = T.float32(0)
-            for j in T.unroll(SPL):
-                h[j] = (T.exp(delta[0] * A[hd]) * h[j]
+            delta[0] = clip_dt_expr(softplus_expr(proj[i, DTO + hd] + dt_bias[hd], not gpu), s.dt_limit)
+            acc[0, 0] = T.float32(0)
+            for j in state_loop(SPL):
+                h[j] = (exp_expr(delta[0] * A[hd], not gpu) * h[j]
                         + delta[0] * proj[i, XO + c] * proj[i, BO + g * n + lane * SPL + j])
-                acc[0] = acc[0] + h[j] * proj[i, CO + g * n + lane * SPL + j]
-            reduce(acc)
+            for j in T.unroll(SPL):
+                acc[0, 0] = acc[0, 0] + h[j] * proj[i, CO + g * n + lane * SPL + j]
+            reduce(acc, 0)
             if active:
                 if lane == 0:
-                    y[i, c] = T.Cast(k.y_dtype, acc[0] + D[hd] * proj[i, XO + c])
+                    y[i, c] = T.Cast(k.y_dtype, acc[0, 0] + D[hd] * proj[i, XO + c])
         if active:
             for j in T.unroll(SPL):
                 ssm_state[0, hd, c % P, lane * SPL + j] = h[j]

@@ -19,8 +19,8 @@ from dataclasses import dataclass  # no `from __future__ import annotations`: TV
 import numpy as np
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import (ROW_VIEW, clip_dt_expr, drop_unused_params, lane_reduce, rsum, silu_expr,
-                                          softplus_expr)
+from edgemamba.kernels.tvm_common import (ROW_VIEW, clip_dt_expr, cpu_workers, drop_unused_params, exp_expr,
+                                          lane_reduce, padded, rsum, silu_expr, softplus_expr)
 from edgemamba.reference import rms_norm, silu, softplus
 from edgemamba.spec import ModelSpec
 
@@ -117,33 +117,34 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
     NT = Bt * e * NL  # threads: (sequence, channel, lane)
     NB = (NT + THREADS - 1) // THREADS
     reduce = lane_reduce(NL)
+    state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
+    NW, PER = cpu_workers(NT)
 
     def scale(dbc, b, lo, width):
         return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
 
     @T.macro
-    def body(t, active, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y):
+    def body(t, active, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, w):
         # t = (b · e + c) · NL + lane; threads past the end (active false) compute on the last
-        # index and store nothing, so that every lane takes part in the shuffles
+        # index and store nothing, so that every lane takes part in the shuffles. dt, acc, h:
+        # the scratch rows of worker w (a GPU thread's registers: w = 0)
         b, c, lane = t // NL // e, t // NL % e, t % NL
-        dt = T.alloc_buffer((1,), "float32", scope="local")
-        acc = T.alloc_buffer((1,), "float32", scope="local")
-        h = T.alloc_buffer((SPL,), "float32", scope="local")
-        dt[0] = T.float32(0)
+        dt[w, 0] = T.float32(0)
         for j in T.unroll(r):  # dt_proj stored (r, e): neighbouring channels read neighbouring words
-            dt[0] = dt[0] + dbc[b, j] * dt_w[j, c]
-        dt[0] = clip_dt_expr(softplus_expr(dt[0] * scale(dbc, b, 0, r) + dt_bias[c]), s.dt_limit)
-        acc[0] = T.float32(0)
+            dt[w, 0] = dt[w, 0] + dbc[b, j] * dt_w[j, c]
+        dt[w, 0] = clip_dt_expr(softplus_expr(dt[w, 0] * scale(dbc, b, 0, r) + dt_bias[c], not gpu), s.dt_limit)
+        acc[w, 0] = T.float32(0)
+        for i in state_loop(SPL):
+            h[w, i] = (exp_expr(dt[w, 0] * A[c, lane * SPL + i], not gpu) * ssm_state[b, c, lane * SPL + i]
+                       + dt[w, 0] * proj[b, c] * dbc[b, r + lane * SPL + i] * scale(dbc, b, r, n))
         for i in T.unroll(SPL):
-            h[i] = (T.exp(dt[0] * A[c, lane * SPL + i]) * ssm_state[b, c, lane * SPL + i]
-                    + dt[0] * proj[b, c] * dbc[b, r + lane * SPL + i] * scale(dbc, b, r, n))
-            acc[0] = acc[0] + h[i] * dbc[b, r + n + lane * SPL + i] * scale(dbc, b, r + n, n)
-        reduce(acc)
+            acc[w, 0] = acc[w, 0] + h[w, i] * dbc[b, r + n + lane * SPL + i] * scale(dbc, b, r + n, n)
+        reduce(acc, w)
         if active:
             for i in T.unroll(SPL):
-                ssm_state[b, c, lane * SPL + i] = h[i]
+                ssm_state[b, c, lane * SPL + i] = h[w, i]
             if lane == 0:
-                y[b, c] = (acc[0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c])
+                y[b, c] = (acc[w, 0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c], not gpu)
 
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
@@ -154,11 +155,19 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    dt = T.alloc_buffer((1, 1), "float32", scope="local")
+                    acc = T.alloc_buffer((1, 1), "float32", scope="local")
+                    h = T.alloc_buffer((1, SPL), "float32", scope="local")
                     body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
-                         proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
+                         proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0)
         else:
-            for t in T.parallel(NT):
-                body(t, True, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y)
+            dt = T.alloc_buffer((NW, 16), "float32")
+            acc = T.alloc_buffer((NW, 16), "float32")
+            h = T.alloc_buffer((NW, padded(SPL)), "float32")
+            for w in T.parallel(NW):
+                for i in range(PER):
+                    if w * PER + i < NT:
+                        body(w * PER + i, True, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, w)
 
     return ssm_step
 
@@ -174,27 +183,27 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
     NT = Bt * e * NL  # threads: (sequence, channel, lane)
     NB = (NT + THREADS - 1) // THREADS
     reduce = lane_reduce(NL)
+    state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
+    NW, PER = cpu_workers(NT)
 
     @T.macro
-    def body(t, active, proj, dt_bias, A, D, ssm_state, y):
+    def body(t, active, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w):
         # t = (b · e + c) · NL + lane, channel c = head · P + p; the head's group g reads B and C
         b, c, lane = t // NL // e, t // NL % e, t % NL
         hd, g = c // P, c // P // HPG
-        dt = T.alloc_buffer((1,), "float32", scope="local")
-        acc = T.alloc_buffer((1,), "float32", scope="local")
-        h = T.alloc_buffer((SPL,), "float32", scope="local")
-        dt[0] = clip_dt_expr(softplus_expr(proj[b, DTO + hd] + dt_bias[hd]), s.dt_limit)
-        acc[0] = T.float32(0)
+        dt[w, 0] = clip_dt_expr(softplus_expr(proj[b, DTO + hd] + dt_bias[hd], not gpu), s.dt_limit)
+        acc[w, 0] = T.float32(0)
+        for i in state_loop(SPL):
+            h[w, i] = (exp_expr(dt[w, 0] * A[hd], not gpu) * ssm_state[b, hd, c % P, lane * SPL + i]
+                       + dt[w, 0] * proj[b, XO + c] * proj[b, BO + g * n + lane * SPL + i])
         for i in T.unroll(SPL):
-            h[i] = (T.exp(dt[0] * A[hd]) * ssm_state[b, hd, c % P, lane * SPL + i]
-                    + dt[0] * proj[b, XO + c] * proj[b, BO + g * n + lane * SPL + i])
-            acc[0] = acc[0] + h[i] * proj[b, CO + g * n + lane * SPL + i]
-        reduce(acc)
+            acc[w, 0] = acc[w, 0] + h[w, i] * proj[b, CO + g * n + lane * SPL + i]
+        reduce(acc, w)
         if active:
             for i in T.unroll(SPL):
-                ssm_state[b, hd, c % P, lane * SPL + i] = h[i]
+                ssm_state[b, hd, c % P, lane * SPL + i] = h[w, i]
             if lane == 0:
-                y[b, c] = acc[0] + D[hd] * proj[b, XO + c]
+                y[b, c] = acc[w, 0] + D[hd] * proj[b, XO + c]
 
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, NI), "float32"), dt_bias: T.Buffer((H,), "float32"),
@@ -204,10 +213,18 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    dt = T.alloc_buffer((1, 1), "float32", scope="local")
+                    acc = T.alloc_buffer((1, 1), "float32", scope="local")
+                    h = T.alloc_buffer((1, SPL), "float32", scope="local")
                     body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
-                         proj, dt_bias, A, D, ssm_state, y)
+                         proj, dt_bias, A, D, ssm_state, y, dt, acc, h, 0)
         else:
-            for t in T.parallel(NT):
-                body(t, True, proj, dt_bias, A, D, ssm_state, y)
+            dt = T.alloc_buffer((NW, 16), "float32")
+            acc = T.alloc_buffer((NW, 16), "float32")
+            h = T.alloc_buffer((NW, padded(SPL)), "float32")
+            for w in T.parallel(NW):
+                for i in range(PER):
+                    if w * PER + i < NT:
+                        body(w * PER + i, True, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w)
 
     return ssm_step
