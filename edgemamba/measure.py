@@ -11,7 +11,18 @@ import numpy as np
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process.
+
+    Linux: VmHWM, the high-water mark of this process's own address space. (ru_maxrss survives
+    execve, so a process started from a large parent would report the parent's peak.) Elsewhere
+    ru_maxrss (macOS reports bytes, others KiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
