@@ -9,6 +9,7 @@ them per session), so step and prefill share one copy: peak RSS ≈ weights + wo
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -120,6 +121,12 @@ class OrtBackend:
                                                            providers=["CPUExecutionProvider"])
             except _ORT_ERRORS as e:
                 raise EdgeMambaError(f"{artifact.file(kind)}: ONNX Runtime cannot load this graph ({_first_line(e)})") from None
+            if quantized:
+                # ORT now holds packed copies; the mapped originals are read only for the few weights
+                # it did not pack (embedding rows), so let their pages go before the next session
+                # packs its own: they fault back from the file on demand (a private mapping never
+                # written, so nothing is lost). Keeps the peak at one packed copy plus the originals.
+                self._weights._mmap.madvise(mmap.MADV_DONTNEED)
         self.state_keys = [f"{kind}_state.{i}" for i in range(self.spec.n_layer) for kind in ("conv", "ssm")]
         shapes = {f"conv_state.{i}": self.spec.conv_state_shape(batch) for i in range(self.spec.n_layer)}
         shapes.update({f"ssm_state.{i}": self.spec.ssm_state_shape(batch) for i in range(self.spec.n_layer)})
@@ -133,6 +140,7 @@ class OrtBackend:
         self._ids_ov = ort.OrtValue.ortvalue_from_numpy(self._ids)
         self._step_binding = [self._bind_step(cur) for cur in (0, 1)]
         self.cur = 0
+
 
     def _interface(self, kind: str) -> dict[str, tuple[int, tuple]]:
         """What the backend binds: name -> (onnx element type, shape); None marks a free dim."""
