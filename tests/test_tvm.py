@@ -44,6 +44,9 @@ GEMVS = {
     "gated-norm-first-fp16": GemvSpec(n=64, k=128, batch=2, wdtype="float16", norm="gated", groups=2, norm_on_x=True,
                                       z_cols=352, epilogue="residual"),
     "fp16-odd-k": GemvSpec(n=100, k=48, batch=1, wdtype="float16", norm="rms"),
+    "int8-conv": GemvSpec(n=256, k=64, batch=2, wdtype="int8", norm="rms", bias=True, epilogue="conv", conv_lo=0,
+                          conv_hi=128),
+    "int8-residual": GemvSpec(n=64, k=128, batch=1, wdtype="int8", epilogue="residual"),
 }
 SSM_STEPS = {"mamba1": SsmStepSpec(M1, 3), "falcon": SsmStepSpec(FALCON, 1), "mamba2": SsmStepSpec(M2, 2)}
 MATMULS = {
@@ -52,6 +55,7 @@ MATMULS = {
     "slice": P.MatmulSpec(128, 5, x_cols=21),
     "w-transposed": P.MatmulSpec(128, 5, x_cols=21, w_kn=True),
     "fp16": P.MatmulSpec(64, 128, "float16", "float16", residual=True),
+    "int8": P.MatmulSpec(64, 128, "int8", "float32", bias=True, residual=True),
 }
 ROW_NORMS = {"rms": P.RowNormSpec(64), "rms-fp16": P.RowNormSpec(64, "float16"),
              "gated": P.RowNormSpec(128, groups=2, gated=True, z_cols=352),
@@ -69,7 +73,8 @@ def cpu_kernels():
     funcs += [P.row_norm_kernel(s, False) for s in ROW_NORMS.values()]
     funcs += [P.conv_chunk_kernel(s, False) for s in CONVS.values()]
     funcs += [P.scan_kernel(s, False) for s in SCANS.values()]
-    funcs += [P.bcdt_norm_kernel(FALCON, False), P.embed_kernel(96, 64, "float16", False)]
+    funcs += [P.bcdt_norm_kernel(FALCON, False), P.embed_kernel(96, 64, "float16", False),
+              P.embed_kernel(96, 64, "int8", False)]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     lib = tvm.compile(mod, target=cpu_target())
     return lambda f: lib[f.attrs["global_symbol"]]
@@ -96,7 +101,13 @@ def test_gemv_kernel_matches_numpy(name, cpu_kernels):
          "bias": rng.standard_normal(s.n), "conv_w": rng.standard_normal((C, s.d_conv)),
          "conv_b": rng.standard_normal(C), "conv_state": rng.standard_normal((s.batch, C, s.d_conv - 1)),
          "out": rng.standard_normal((s.batch, s.n))}
-    a = {k: v.astype(s.wdtype if k == "W" else np.float32) for k, v in a.items()}
+    a = {k: v.astype(np.float32) for k, v in a.items()}
+    if s.quantized:
+        from edgemamba.runtimes.tvm import quantize_rows
+
+        a["W"], a["w_scale"] = quantize_rows(a["W"])
+    else:
+        a["W"] = a["W"].astype(s.wdtype)
     got = _call(cpu_kernels(gemv_kernel(s, False)), s.params, a)
     ref = {k: v.astype(np.float64) for k, v in a.items()}
     expected = gemv_reference(s, ref["x"], ref["W"], **{k: ref[k] for k in s.params if k not in ("x", "W")})
@@ -128,11 +139,11 @@ def test_ssm_step_kernel_updates_state_in_place(name, cpu_kernels):
 @pytest.mark.parametrize("name", list(MATMULS))
 def test_matmul_kernel_matches_numpy(name, cpu_kernels):
     s, rng, t = MATMULS[name], np.random.default_rng(2), 37  # 37 rows: a partial row tile
-    a = {"x": rng.standard_normal((t, s.xw)).astype(s.adtype), "W": rng.standard_normal(s.w_shape).astype(s.wdtype),
-         "bias": rng.standard_normal(s.n).astype(np.float32), "res": rng.standard_normal((t, s.n)).astype(np.float32),
-         "out": np.zeros((t, s.n), np.float32)}
+    a = {"x": rng.standard_normal((t, s.xw)).astype(s.adtype), "W": (rng.standard_normal(s.w_shape) * 40).astype(s.wdtype),
+         "w_scale": rng.uniform(0.5, 2, s.n).astype(np.float32), "bias": rng.standard_normal(s.n).astype(np.float32),
+         "res": rng.standard_normal((t, s.n)).astype(np.float32), "out": np.zeros((t, s.n), np.float32)}
     got = _call(cpu_kernels(P.matmul_kernel(s, False)), s.params, a)
-    assert _rel(got["out"], P.matmul_reference(s, a["x"], a["W"], a["bias"], a["res"])) < 1e-5
+    assert _rel(got["out"], P.matmul_reference(s, a["x"], a["W"], a["bias"], a["res"], a["w_scale"])) < 1e-5
 
 
 @pytest.mark.parametrize("name", list(ROW_NORMS))
@@ -188,6 +199,10 @@ def test_bcdt_norm_and_embed_kernels(cpu_kernels):
     got = _call(cpu_kernels(P.embed_kernel(96, 64, "float16", False)), ["ids", "E", "h"],
                 {"ids": ids, "E": E, "h": np.zeros((7, 64), np.float32)})["h"]
     assert np.array_equal(got, E[ids].astype(np.float32))
+    q, scale = rng.integers(-127, 128, (96, 64)).astype(np.int8), rng.uniform(0.01, 0.1, 96).astype(np.float32)
+    got = _call(cpu_kernels(P.embed_kernel(96, 64, "int8", False)), ["ids", "E", "E_scale", "h"],
+                {"ids": ids, "E": q, "E_scale": scale, "h": np.zeros((7, 64), np.float32)})["h"]
+    assert np.allclose(got, q[ids] * scale[ids, None], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +283,25 @@ np.save(sys.argv[1], logits)
     assert_logits_close(np.load(out), full[0, -1], rel=1e-4)
 
 
+def test_int8_weights_keep_the_trained_demo_model_s_predictions(tmp_path):
+    """Weight-only int8 (per-row scales, dequantized in the kernels) on a real trained model: the
+    next-token choice over held-out text stays the float32 reference's."""
+    from tokenizers import Tokenizer
+
+    demo = ROOT / "edgemamba" / "data" / "demo-mamba"
+    ck = load_checkpoint(demo)
+    ids = np.array(Tokenizer.from_file(str(demo / "tokenizer.json")).encode(
+        (ROOT / "edgemamba" / "data" / "heldout.txt").read_text()[:3000]).ids[:200])
+    art = compile_artifact(ck, tmp_path / "int8.em", "tvm-llvm", "int8", batches=(1,))
+    assert art.manifest["files"]["weights.bin"]["bytes"] < 0.3 * 4 * ck.spec.n_params
+    full, _ = Reference(ck).forward(ids[None])
+    session = Session(art)
+    got = np.stack([session.prefill(ids[:100])] + [session.step([t])[0].copy() for t in ids[100:]])
+    expected = full[0, 99:]
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.97
+    assert_logits_close(got, expected, rel=0.03)
+
+
 def test_weightless_library_takes_weights_packed_elsewhere(tmp_path):
     from edgemamba.kernels.tvm_build import compile_tvm_library
     from edgemamba.checkpoint import Checkpoint
@@ -288,11 +322,11 @@ def test_weightless_library_takes_weights_packed_elsewhere(tmp_path):
 # CUDA: code generation and cubin without a GPU
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("arch", ["sm_87", "sm_90"])
-def test_cuda_library_and_cubin_build_without_a_gpu(arch, tmp_path):
+@pytest.mark.parametrize("arch,precision", [("sm_87", "fp16"), ("sm_90", "int8")])
+def test_cuda_library_and_cubin_build_without_a_gpu(arch, precision, tmp_path):
     from edgemamba.kernels.tvm_build import compile_tvm_library
 
-    art = compile_tvm_library(M2, tmp_path / f"{arch}.em", "tvm-cuda", "fp16", arch=arch, batches=(1,))
+    art = compile_tvm_library(M2, tmp_path / f"{arch}.em", "tvm-cuda", precision, arch=arch, batches=(1,))
     info = art.manifest["tvm"]
     cubin = (art.path / f"kernels.{arch}.cubin").read_bytes()
     assert info["device"] == "cuda" and info["arch"] == arch and list(info["cubins"]) == [f"kernels.{arch}.cubin"]

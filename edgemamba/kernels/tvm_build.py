@@ -24,7 +24,7 @@ from pathlib import Path
 from edgemamba import __version__
 from edgemamba.errors import EdgeMambaError
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: weight-only, per-row scales
 DEFAULT_CUDA_ARCH = "sm_90"
 
 
@@ -57,7 +57,7 @@ def _cuda(arch):
 TARGETS: dict[str, TvmTarget] = {
     "tvm-llvm": TvmTarget("cpu", PRECISIONS, _llvm_host),
     "tvm-aarch64": TvmTarget("cpu", PRECISIONS, _llvm_aarch64, cross_cc="aarch64-linux-gnu-g++"),
-    "tvm-cuda": TvmTarget("cuda", ("fp16", "fp32"), _cuda),
+    "tvm-cuda": TvmTarget("cuda", ("fp16", "fp32", "int8"), _cuda),
 }
 
 

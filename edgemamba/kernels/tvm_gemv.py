@@ -67,6 +67,11 @@ class GemvSpec:
         return self.x_cols or self.k
 
     @property
+    def quantized(self) -> bool:
+        """int8 weights, one float32 scale per row (weight-only: dequantized in the kernel)."""
+        return self.wdtype == "int8"
+
+    @property
     def n_conv(self) -> int:
         return self.conv_hi - self.conv_lo
 
@@ -79,6 +84,8 @@ class GemvSpec:
         if self.norm:
             names.append("norm_w")
         names.append("W")
+        if self.quantized:
+            names.append("w_scale")
         if self.bias:
             names.append("bias")
         if self.epilogue == "conv":
@@ -100,9 +107,11 @@ class GemvSpec:
 # ---------------------------------------------------------------------------------------------
 # the contract, in NumPy
 # ---------------------------------------------------------------------------------------------
-def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, bias=None, conv_w=None, conv_b=None,
+def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, w_scale=None, bias=None, conv_w=None, conv_b=None,
                    conv_state=None, out=None):
     """Returns out (batch, n); `conv_state` and, for "residual", `out` are updated in place."""
+    if s.quantized:
+        W = W.astype(np.float64) * w_scale[:, None]
     u = x[:, s.x_off : s.x_off + s.k].astype(np.float64)  # (b, k)
     if s.norm == "rms":
         u = rms_norm(u, norm_w, s.eps)
@@ -140,7 +149,7 @@ def gemv_kernel(s: GemvSpec, gpu: bool):
 
 def _shapes(s: GemvSpec):
     B, C = s.batch, max(s.n_conv, 1)
-    return dict(x=(B, s.xw), z=(B, max(s.z_cols, 1)), nw=(s.k,), W=(s.n, s.k), bias=(s.n,),
+    return dict(x=(B, s.xw), z=(B, max(s.z_cols, 1)), nw=(s.k,), W=(s.n, s.k), ws=(s.n,), bias=(s.n,),
                 cw=(C, s.d_conv), cb=(C,), cs=(B, C, s.d_conv - 1), out=(B, s.n))
 
 
@@ -148,7 +157,8 @@ def _epilogue(s: GemvSpec, gpu: bool):
     """Macro: the finished dot product `yv` of row n, sequence b, lands in `out`."""
     lo, hi, KC = s.conv_lo, s.conv_hi, s.d_conv
 
-    def _biased(yv, bias, n):
+    def _biased(yv, bias, n, w_scale):  # the row's int8 scale, then the bias
+        yv = yv * w_scale[n] if s.quantized else yv
         return yv + bias[n] if s.bias else yv
 
     def _conv_dot(cw, cb, cs, b, c, yv):
@@ -156,21 +166,21 @@ def _epilogue(s: GemvSpec, gpu: bool):
         return rsum(terms + [cb[c]] if s.conv_bias else terms)
 
     @T.macro
-    def epilogue(out, bias, cw, cb, cs, b, n, yv):
+    def epilogue(out, bias, cw, cb, cs, b, n, yv, w_scale):
         if s.epilogue == "residual":
-            out[b, n] = out[b, n] + _biased(yv, bias, n)
+            out[b, n] = out[b, n] + _biased(yv, bias, n, w_scale)
         elif s.epilogue == "conv":
             if lo <= n and n < hi:
                 # window = (conv_state[b, c, :], y): the conv output, then the state shifts left
                 # by one and y enters last
-                out[b, n] = silu_expr(_conv_dot(cw, cb, cs, b, n - lo, _biased(yv, bias, n)), not gpu)
+                out[b, n] = silu_expr(_conv_dot(cw, cb, cs, b, n - lo, _biased(yv, bias, n, w_scale)), not gpu)
                 for j in range(KC - 2):
                     cs[b, n - lo, j] = cs[b, n - lo, j + 1]
-                cs[b, n - lo, KC - 2] = _biased(yv, bias, n)
+                cs[b, n - lo, KC - 2] = _biased(yv, bias, n, w_scale)
             else:
-                out[b, n] = _biased(yv, bias, n)
+                out[b, n] = _biased(yv, bias, n, w_scale)
         else:
-            out[b, n] = _biased(yv, bias, n)
+            out[b, n] = _biased(yv, bias, n, w_scale)
 
     return epilogue
 
@@ -179,6 +189,7 @@ def _gemv_gpu(s: GemvSpec):
     B, N, K, G = s.batch, s.n, s.k, s.groups
     GS = K // G  # channels per norm group
     VEC = vector_width(s.wdtype, GS)  # W elements per 16-byte load
+    XV = min(VEC, 8)  # x elements per vector load
     STRIDE = 32 * VEC  # one warp sweeps this many columns per iteration
     KO = (GS + STRIDE - 1) // STRIDE
     RW = 2 if N >= 8192 else 1  # rows per warp: more loads in flight for the big matrices
@@ -193,7 +204,7 @@ def _gemv_gpu(s: GemvSpec):
 
     @T.prim_func(private=True)
     def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
-             W: T.Buffer(sh["W"], s.wdtype), bias: T.Buffer(sh["bias"], "float32"),
+             W: T.Buffer(sh["W"], s.wdtype), w_scale: T.Buffer(sh["ws"], "float32"), bias: T.Buffer(sh["bias"], "float32"),
              conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
              conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), out: T.Buffer(sh["out"], "float32", **ROW_VIEW)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -220,8 +231,9 @@ def _gemv_gpu(s: GemvSpec):
                                         wv[r, v] = W[T.min((bx * TY + ty) * RW + r, N - 1),
                                                      g * GS + ko * STRIDE + tx * VEC + v]
                                 for b in T.unroll(B):
-                                    for v in T.vectorized(VEC):
-                                        u[b, v] = x[b, s.x_off + g * GS + ko * STRIDE + tx * VEC + v]
+                                    for v0 in T.unroll(VEC // XV):  # float32 vectors of at most 8 in CUDA
+                                        for v in T.vectorized(XV):
+                                            u[b, v0 * XV + v] = x[b, s.x_off + g * GS + ko * STRIDE + tx * VEC + v0 * XV + v]
                                     for v in T.unroll(VEC):
                                         if gated:
                                             if s.norm_on_x:
@@ -255,7 +267,7 @@ def _gemv_gpu(s: GemvSpec):
                             if (bx * TY + ty) * RW + r < N:
                                 for b in T.unroll(B):
                                     epilogue(out, bias, conv_w, conv_b, conv_state, b, (bx * TY + ty) * RW + r,
-                                             combine(acc, ss, r, b))
+                                             combine(acc, ss, r, b), w_scale)
 
     return gemv
 
@@ -272,7 +284,7 @@ def _gemv_cpu(s: GemvSpec):
 
     @T.prim_func(private=True)
     def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
-             W: T.Buffer(sh["W"], s.wdtype), bias: T.Buffer(sh["bias"], "float32"),
+             W: T.Buffer(sh["W"], s.wdtype), w_scale: T.Buffer(sh["ws"], "float32"), bias: T.Buffer(sh["bias"], "float32"),
              conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
              conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), out: T.Buffer(sh["out"], "float32", **ROW_VIEW)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -308,6 +320,6 @@ def _gemv_cpu(s: GemvSpec):
                         for j in range(K - KV):
                             acc[w, b, 0] = acc[w, b, 0] + u[b, KV + j] * T.Cast("float32", W[w * PER + i, KV + j])
                         epilogue(out, bias, conv_w, conv_b, conv_state, b, w * PER + i,
-                                 rsum([acc[w, b, v] for v in range(VL)]))
+                                 rsum([acc[w, b, v] for v in range(VL)]), w_scale)
 
     return gemv

@@ -84,14 +84,17 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
     e, n, d = s.d_inner, s.d_state, s.d_model
     NI, C, KC = s.in_proj_dim, s.conv_dim, s.d_conv
     conv_lo = 0 if s.arch == "mamba1" else e  # conv channels among the in_proj rows
-    act = "float16" if gpu and wdtype == "float16" else "float32"  # prefill matmul inputs
+    act = "float16" if gpu and wdtype in ("float16", "int8") else "float32"  # prefill matmul inputs
 
     def opt(*names):  # the optional weights this model has
         return [weights[x] for x in names if x in weights]
 
+    def mat(name):  # a matrix, and its row scales when int8
+        return [weights[name], *opt(name + ".scale")]
+
     with bb.function(name, [ids, logits, *states.values(), *weights.values()]):
         with bb.dataflow():
-            h = kb.call(("embed", gpu), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu), [ids, w("embedding")],
+            h = kb.call(("embed", gpu), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu), [ids, *mat("embedding")],
                         (rows, d))
             for i in range(s.n_layer):
                 p = f"layers.{i}."
@@ -101,14 +104,14 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                     g = GemvSpec(n=NI, k=d, batch=batch, wdtype=wdtype, norm="rms", eps=s.norm_eps, bias=s.use_bias,
                                  epilogue="conv", conv_lo=conv_lo, conv_hi=conv_lo + C, d_conv=KC,
                                  conv_bias=s.use_conv_bias)
-                    args = [h, w(p + "norm"), w(p + "in_proj"), *opt(p + "in_proj_bias"), w(p + "conv_weight"),
+                    args = [h, w(p + "norm"), *mat(p + "in_proj"), *opt(p + "in_proj_bias"), w(p + "conv_weight"),
                             *opt(p + "conv_bias"), conv_state]
                     _, proj = kb.call_inplace(g, lambda g=g: gemv_kernel(g, gpu), args, [len(args) - 1, -1],
                                               [conv_state.ty.shape, (batch, NI)])
                     k = SsmStepSpec(s, batch)
                     if s.arch == "mamba1":
                         gx = GemvSpec(n=s.dt_rank + 2 * n, k=e, batch=batch, wdtype=wdtype, x_cols=NI)
-                        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu), [proj, w(p + "x_proj")], (batch, gx.n))
+                        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu), [proj, *mat(p + "x_proj")], (batch, gx.n))
                         args = [proj, dbc, w(p + "dt_proj.T"), w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
                     else:
                         args = [proj, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
@@ -117,19 +120,19 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                     # out_proj (Mamba-2: after the gated RMSNorm), added to the residual in place
                     if s.arch == "mamba1":
                         go = GemvSpec(n=d, k=e, batch=batch, wdtype=wdtype, bias=s.use_bias, epilogue="residual")
-                        args = [y, w(p + "out_proj"), *opt(p + "out_proj_bias"), h]
+                        args = [y, *mat(p + "out_proj"), *opt(p + "out_proj_bias"), h]
                     else:
                         go = GemvSpec(n=d, k=e, batch=batch, wdtype=wdtype, norm="gated", groups=s.n_groups,
                                       norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias,
                                       epilogue="residual")
-                        args = [y, proj, w(p + "gate_norm"), w(p + "out_proj"), *opt(p + "out_proj_bias"), h]
+                        args = [y, proj, w(p + "gate_norm"), *mat(p + "out_proj"), *opt(p + "out_proj_bias"), h]
                     (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu), args, [len(args) - 1], [(batch, d)])
                 else:
                     rn = RowNormSpec(d, act, eps=s.norm_eps)
                     hn = kb.call((rn, gpu), lambda: row_norm_kernel(rn, gpu), [h, w(p + "norm")], (rows, d), act)
                     mi = MatmulSpec(NI, d, wdtype, act, bias=s.use_bias)
                     proj = kb.call((mi, gpu), lambda: matmul_kernel(mi, gpu, kb.target),
-                                   [hn, w(p + "in_proj"), *opt(p + "in_proj_bias")], (rows, NI))
+                                   [hn, *mat(p + "in_proj"), *opt(p + "in_proj_bias")], (rows, NI))
                     cc = ConvChunkSpec(NI, conv_lo, conv_lo + C, KC, s.use_conv_bias)
                     args = [proj, w(p + "conv_weight"), *opt(p + "conv_bias"), conv_state]
                     proj, _ = kb.call_inplace((cc, gpu), lambda: conv_chunk_kernel(cc, gpu), args,
@@ -138,7 +141,7 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                     if s.arch == "mamba1":
                         r = s.dt_rank
                         mx = MatmulSpec(r + 2 * n, e, wdtype, "float32", x_cols=NI)
-                        dbc = kb.call((mx, gpu), lambda: matmul_kernel(mx, gpu, kb.target), [proj, w(p + "x_proj")],
+                        dbc = kb.call((mx, gpu), lambda: matmul_kernel(mx, gpu, kb.target), [proj, *mat(p + "x_proj")],
                                       (rows, r + 2 * n))
                         if s.bcdt_rms_eps is not None:
                             (dbc,) = kb.call_inplace(("bcdt", gpu), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0],
@@ -160,13 +163,13 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
                                     (rows, e), act)
                         mo = MatmulSpec(d, e, wdtype, act, bias=s.use_bias, residual=True)
                     h = kb.call((mo, gpu), lambda: matmul_kernel(mo, gpu, kb.target),
-                                [y, w(p + "out_proj"), *opt(p + "out_proj_bias"), h], (rows, d))
+                                [y, *mat(p + "out_proj"), *opt(p + "out_proj_bias"), h], (rows, d))
             if not step:
                 h = kb.call(("last_row", d, gpu), lambda: last_row_kernel(d, gpu), [h], (1, d))
-            head = w("lm_head") if "lm_head" in weights else w("embedding")
+            head = mat("lm_head") if "lm_head" in weights else mat("embedding")
             gl = GemvSpec(n=s.vocab_size, k=d, batch=srows, wdtype=wdtype, norm="rms", eps=s.norm_eps)
-            (out,) = kb.call_inplace(gl, lambda: gemv_kernel(gl, gpu), [h, w("norm_f"), head, logits], [3],
-                                     [(srows, s.vocab_size)])
+            args = [h, w("norm_f"), *head, logits]
+            (out,) = kb.call_inplace(gl, lambda: gemv_kernel(gl, gpu), args, [len(args) - 1], [(srows, s.vocab_size)])
             out = bb.emit_output(out)
         bb.emit_func_output(out)
 

@@ -36,24 +36,31 @@ def _rows(name: str = "t"):
 # embedding and the last row
 # ---------------------------------------------------------------------------------------------
 def embed_kernel(vocab: int, d: int, wdtype: str, gpu: bool):
-    """h (rows, d) float32 = E[ids]; rows symbolic (the decode batch or the prefill chunk)."""
+    """h (rows, d) float32 = E[ids] (int8: times the row's scale); rows symbolic (the decode batch
+    or the prefill chunk)."""
     t = _rows()
+    quantized = wdtype == "int8"
+
+    def row(E, E_scale, i, j):
+        return T.Cast("float32", E[i, j]) * E_scale[i] if quantized else T.Cast("float32", E[i, j])
 
     @T.prim_func(private=True)
-    def embed(ids: T.Buffer((t,), "int32", **ROW_VIEW), E: T.Buffer((vocab, d), wdtype), h: T.Buffer((t, d), "float32")):
+    def embed(ids: T.Buffer((t,), "int32", **ROW_VIEW), E: T.Buffer((vocab, d), wdtype),
+              E_scale: T.Buffer((vocab,), "float32"), h: T.Buffer((t, d), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         if gpu:
             for bx in T.thread_binding((t * d + THREADS - 1) // THREADS, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
                     if bx * THREADS + tx < t * d:
-                        h[(bx * THREADS + tx) // d, (bx * THREADS + tx) % d] = T.Cast(
-                            "float32", E[ids[(bx * THREADS + tx) // d], (bx * THREADS + tx) % d])
+                        h[(bx * THREADS + tx) // d, (bx * THREADS + tx) % d] = row(
+                            E, E_scale, ids[(bx * THREADS + tx) // d], (bx * THREADS + tx) % d)
         else:
             for i in T.parallel(t):
                 for j in range(d):
-                    h[i, j] = T.Cast("float32", E[ids[i], j])
+                    h[i, j] = row(E, E_scale, ids[i], j)
 
-    return embed.with_attr("global_symbol", f"embed_{vocab}x{d}_{wdtype}")
+    names = ["ids", "E", "E_scale", "h"] if quantized else ["ids", "E", "h"]
+    return drop_unused_params(embed, names, f"embed_{vocab}x{d}_{wdtype}")
 
 
 def last_row_kernel(d: int, gpu: bool):
@@ -179,8 +186,14 @@ class MatmulSpec:
         return (self.k, self.n) if self.w_kn else (self.n, self.k)
 
     @property
+    def quantized(self) -> bool:
+        """int8 W with one float32 scale per output (row of W): applied in the epilogue."""
+        return self.wdtype == "int8"
+
+    @property
     def params(self) -> list[str]:
-        return ["x", "W"] + (["bias"] if self.bias else []) + (["res"] if self.residual else []) + ["out"]
+        return (["x", "W"] + (["w_scale"] if self.quantized else []) + (["bias"] if self.bias else [])
+                + (["res"] if self.residual else []) + ["out"])
 
     def name(self) -> str:
         x = f"_x{self.x_off}of{self.xw}" if self.x_cols else ""
@@ -188,8 +201,10 @@ class MatmulSpec:
                 + ("_bias" if self.bias else "") + ("_res" if self.residual else ""))
 
 
-def matmul_reference(s: MatmulSpec, x, W, bias=None, res=None):
+def matmul_reference(s: MatmulSpec, x, W, bias=None, res=None, w_scale=None):
     W = W.T if s.w_kn else W
+    if s.quantized:
+        W = W.astype(np.float64) * w_scale[:, None]
     y = x[:, s.x_off : s.x_off + s.k].astype(np.float64) @ W.astype(np.float64).T
     if s.bias:
         y = y + bias
@@ -207,7 +222,7 @@ def matmul_kernel(s: MatmulSpec, gpu: bool, target: tvm.target.Target | None = N
 def wmma_eligible(s: MatmulSpec) -> bool:
     """fp16 × fp16 with 16-byte aligned rows: the tensor-core kernel; otherwise CUDA cores (the
     small float32 x_proj and dt_proj of Mamba-1)."""
-    return (s.adtype == s.wdtype == "float16" and not s.w_kn and s.k % WMMA_BK == 0
+    return (s.adtype == "float16" and s.wdtype in ("float16", "int8") and not s.w_kn and s.k % WMMA_BK == 0
             and s.xw % 8 == 0 and s.x_off % 8 == 0)
 
 
@@ -227,8 +242,8 @@ def _matmul_wmma(s: MatmulSpec):
     ZN = N if s.residual else 1
 
     @T.prim_func(private=True)
-    def matmul(x: T.Buffer((t, s.xw), "float16"), W: T.Buffer((N, K), "float16"), bias: T.Buffer((N,), "float32"),
-               res: T.Buffer((t, ZN), "float32"), out: T.Buffer((t, N), "float32")):
+    def matmul(x: T.Buffer((t, s.xw), "float16"), W: T.Buffer((N, K), s.wdtype), w_scale: T.Buffer((N,), "float32"),
+               bias: T.Buffer((N,), "float32"), res: T.Buffer((t, ZN), "float32"), out: T.Buffer((t, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for bn in T.thread_binding(NBN, thread="blockIdx.x"):
             for bm in T.thread_binding((t + BM - 1) // BM, thread="blockIdx.y"):
@@ -250,10 +265,10 @@ def _matmul_wmma(s: MatmulSpec):
                                     A_s[(p * 128 + warp * 32 + lane) // 4, (p * 128 + warp * 32 + lane) % 4 * 8 + v] = x[
                                         T.min(bm * BM + (p * 128 + warp * 32 + lane) // 4, t - 1),
                                         s.x_off + kt * BK + (p * 128 + warp * 32 + lane) % 4 * 8 + v]
-                                for v in T.vectorized(8):
-                                    B_s[(p * 128 + warp * 32 + lane) // 4, (p * 128 + warp * 32 + lane) % 4 * 8 + v] = W[
-                                        T.min(bn * BN + (p * 128 + warp * 32 + lane) // 4, N - 1),
-                                        kt * BK + (p * 128 + warp * 32 + lane) % 4 * 8 + v]
+                                for v in T.vectorized(8):  # int8 weights become fp16 here; the scale comes last
+                                    B_s[(p * 128 + warp * 32 + lane) // 4, (p * 128 + warp * 32 + lane) % 4 * 8 + v] = T.Cast(
+                                        "float16", W[T.min(bn * BN + (p * 128 + warp * 32 + lane) // 4, N - 1),
+                                                     kt * BK + (p * 128 + warp * 32 + lane) % 4 * 8 + v])
                             T.tvm_storage_sync("shared")
                             for kk in T.unroll(BK // 16):
                                 for i in T.unroll(2):
@@ -283,7 +298,7 @@ def _matmul_wmma(s: MatmulSpec):
                                 out[bm * BM + (p * 128 + warp * 32 + lane) // BN, bn * BN + (p * 128 + warp * 32 + lane) % BN] = (
                                     _matmul_epilogue(s, C_s[(p * 128 + warp * 32 + lane) // BN, (p * 128 + warp * 32 + lane) % BN],
                                                      bias, res, bm * BM + (p * 128 + warp * 32 + lane) // BN,
-                                                     bn * BN + (p * 128 + warp * 32 + lane) % BN))
+                                                     bn * BN + (p * 128 + warp * 32 + lane) % BN, w_scale))
 
     return drop_unused_params(matmul, s.params, s.name())
 
@@ -304,6 +319,10 @@ def _matmul_gpu(s: MatmulSpec, target):
     y = te.compute((t, N), lambda i, j: te.sum(x[i, k + s.x_off].astype("float32") * w_at(j, k).astype("float32"),
                                                axis=k), name="mm")
     args = [x, W]
+    if s.quantized:
+        w_scale = te.placeholder((N,), "float32", name="w_scale")
+        y = te.compute((t, N), lambda i, j: y[i, j] * w_scale[j], name="scaled")
+        args.append(w_scale)
     if s.bias:
         bias = te.placeholder((N,), "float32", name="bias")
         y = te.compute((t, N), lambda i, j: y[i, j] + bias[j], name="biased")
@@ -336,7 +355,8 @@ def _matmul_cpu(s: MatmulSpec):
         return W[k, j] if s.w_kn else W[j, k]
 
     @T.prim_func(private=True)
-    def matmul(x: T.Buffer((t, s.xw), s.adtype), W: T.Buffer(s.w_shape, s.wdtype), bias: T.Buffer((N,), "float32"),
+    def matmul(x: T.Buffer((t, s.xw), s.adtype), W: T.Buffer(s.w_shape, s.wdtype), w_scale: T.Buffer((N,), "float32"),
+               bias: T.Buffer((N,), "float32"),
                res: T.Buffer((t, ZN), "float32"), out: T.Buffer((t, N), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for tile in T.parallel(((t + TILE - 1) // TILE) * NT):
@@ -360,12 +380,14 @@ def _matmul_cpu(s: MatmulSpec):
                                     "float32", w_at(W, T.min(n0 + c, N - 1), KV + i))
                             if tb + r < t and n0 + c < N:
                                 out[tb + r, n0 + c] = _matmul_epilogue(s, rsum([acc[r, c, v] for v in range(VL)]),
-                                                                       bias, res, tb + r, n0 + c)
+                                                                       bias, res, tb + r, n0 + c, w_scale)
 
     return drop_unused_params(matmul, s.params, s.name())
 
 
-def _matmul_epilogue(s: MatmulSpec, y, bias, res, i, j):
+def _matmul_epilogue(s: MatmulSpec, y, bias, res, i, j, w_scale):
+    if s.quantized:
+        y = y * w_scale[j]
     if s.bias:
         y = y + bias[j]
     if s.residual:

@@ -27,7 +27,7 @@ import numpy as np
 from edgemamba.errors import EdgeMambaError
 from edgemamba.spec import ModelSpec
 
-WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16"}
+WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 LIBRARY = "model.so"
 WEIGHTS = "weights.bin"
 ALIGN = 64  # bytes: TVM's kernels assume buffers start on this boundary
@@ -46,14 +46,19 @@ def state_specs(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def param_specs(spec: ModelSpec, wdtype: str) -> list[tuple[str, tuple[int, ...], str]]:
-    """The library's weight parameters in order: (name, shape, dtype). Matrices are stored (out, in)
-    as in torch, in `wdtype`, except dt_proj, transposed (".T"); norms, conv, biases, Δ and SSM
-    parameters stay float32, with A = -exp(A_log) folded."""
+    """The library's weight parameters in order: (name, shape, dtype). The matrices (MATRICES) are
+    stored (out, in) as in torch, in `wdtype`; int8 ones are followed by "<name>.scale", one float32
+    per row (weight-only quantization, symmetric per output channel). dt_proj is stored transposed
+    (".T"); norms, conv, biases, Δ and SSM parameters stay float32, with A = -exp(A_log) folded."""
     d, e, n, f32 = spec.d_model, spec.d_inner, spec.d_state, "float32"
-    out = [("embedding", (spec.vocab_size, d), wdtype)]
+
+    def matrix(name, shape):
+        return [(name, shape, wdtype)] + ([(name + ".scale", shape[:1], f32)] if wdtype == "int8" else [])
+
+    out = matrix("embedding", (spec.vocab_size, d))
     for i in range(spec.n_layer):
         p = f"layers.{i}."
-        out += [(p + "norm", (d,), f32), (p + "in_proj", (spec.in_proj_dim, d), wdtype)]
+        out += [(p + "norm", (d,), f32), *matrix(p + "in_proj", (spec.in_proj_dim, d))]
         if spec.use_bias:
             out.append((p + "in_proj_bias", (spec.in_proj_dim,), f32))
         out.append((p + "conv_weight", (spec.conv_dim, spec.d_conv), f32))
@@ -61,17 +66,17 @@ def param_specs(spec: ModelSpec, wdtype: str) -> list[tuple[str, tuple[int, ...]
             out.append((p + "conv_bias", (spec.conv_dim,), f32))
         if spec.arch == "mamba1":
             r = spec.dt_rank
-            out += [(p + "x_proj", (r + 2 * n, e), wdtype), (p + "dt_proj.T", (r, e), f32), (p + "dt_bias", (e,), f32),
+            out += [*matrix(p + "x_proj", (r + 2 * n, e)), (p + "dt_proj.T", (r, e), f32), (p + "dt_bias", (e,), f32),
                     (p + "A", (e, n), f32), (p + "D", (e,), f32)]
         else:
             h = spec.n_heads
             out += [(p + "dt_bias", (h,), f32), (p + "A", (h,), f32), (p + "D", (h,), f32), (p + "gate_norm", (e,), f32)]
-        out.append((p + "out_proj", (d, e), wdtype))
+        out += matrix(p + "out_proj", (d, e))
         if spec.use_bias:
             out.append((p + "out_proj_bias", (d,), f32))
     out.append(("norm_f", (d,), f32))
     if not spec.tie_embeddings:
-        out.append(("lm_head", (spec.vocab_size, d), wdtype))
+        out += matrix("lm_head", (spec.vocab_size, d))
     return out
 
 
@@ -80,14 +85,29 @@ def pack_weights(spec: ModelSpec, weights: dict[str, np.ndarray], precision: str
     weights can be packed on a device that has no compiler."""
     out = {}
     for name, shape, dtype in param_specs(spec, WEIGHT_DTYPES[precision]):
+        if name.endswith(".scale"):
+            continue  # written with its matrix
         if name.endswith(".A"):
             src = -np.exp(weights[name[:-1] + "A_log"].astype(np.float64))
         elif name.endswith(".T"):
             src = weights[name[:-2]].T
         else:
             src = weights[name]
-        out[name] = np.ascontiguousarray(np.asarray(src).reshape(shape), dtype=dtype)
+        src = np.asarray(src).reshape(shape)
+        if dtype == "int8":
+            out[name], out[name + ".scale"] = quantize_rows(src)
+        else:
+            out[name] = np.ascontiguousarray(src, dtype=dtype)
     return out
+
+
+def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: w ≈ q · scale[:, None], q in [-127, 127]."""
+    w = w.astype(np.float64)
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q), scale.astype(np.float32)
 
 
 def write_packed(packed: dict[str, np.ndarray], path: Path) -> list[dict]:
