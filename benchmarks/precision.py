@@ -153,18 +153,22 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp())
-    acc = accuracy(a.tokens, work)
+    acc = [] if a.skip_accuracy else accuracy(a.tokens, work)
     lines = [
         "\n## Precision: accuracy, size and CPU speed (issue 4)\n",
         f"`python benchmarks/precision.py {' '.join(sys.argv[1:])}` — {time.strftime('%Y-%m-%d')}.\n",
-        f"Accuracy: the trained demo model, teacher-forced over {acc[0]['tokens']} held-out tokens, against the "
-        "float32 NumPy reference (`edgemamba verify`).\n",
-        "| precision | top-1 agreement | mean KL | perplexity (ref → artifact) | Δ ppl | identical greedy (of 64) | bar | met |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if acc:
+        lines += [
+            f"Accuracy: the trained demo model, teacher-forced over {acc[0]['tokens']} held-out tokens, against the "
+            "float32 NumPy reference (`edgemamba verify`).\n",
+            "| precision | top-1 agreement | mean KL | perplexity (ref → artifact) | Δ ppl | identical greedy (of 64) | bar | met |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for r in acc:
         met = "—" if r["passed"] is None else ("yes" if r["passed"] else "NO")
         lines.append(f"| {r['name']} | {r['top1_agreement']:.2%} | {r['mean_kl']:.2e} | {r['ppl_reference']:.3f} → "
