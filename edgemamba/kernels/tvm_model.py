@@ -61,117 +61,140 @@ class _Builder:
 
 def build_module(spec: ModelSpec, precision: str, gpu: bool, target: tvm.target.Target,
                  batches=STEP_BATCHES) -> tvm.IRModule:
-    wdtype = WEIGHT_DTYPES[precision]
-    bb = relax.BlockBuilder()
-    kb = _Builder(bb, gpu, target)
+    kb = _Builder(relax.BlockBuilder(), gpu, target)
     for batch in batches:
-        _function(kb, spec, wdtype, f"step_{batch}", batch)
-    _function(kb, spec, wdtype, "prefill", None)
-    return bb.get()
+        _function(kb, spec, WEIGHT_DTYPES[precision], f"step_{batch}", batch)
+    _function(kb, spec, WEIGHT_DTYPES[precision], "prefill", None)
+    return kb.bb.get()
+
+
+@dataclass
+class _Layer:
+    """What one layer's calls need: the builder, the spec, its weights and state (Relax vars)."""
+
+    kb: _Builder
+    s: ModelSpec
+    wdtype: str
+    weights: dict
+    p: str  # "layers.{i}."
+    conv_state: relax.Var
+    ssm_state: relax.Var
+
+    def w(self, name):
+        return self.weights[self.p + name]
+
+    def opt(self, name):  # an optional weight ([] when the model has none)
+        return [self.weights[self.p + name]] if self.p + name in self.weights else []
+
+    def mat(self, name):  # a matrix, and its row scales when int8
+        return [self.w(name), *self.opt(name + ".scale")]
+
+    @property
+    def conv_lo(self) -> int:  # the conv channels among the in_proj rows: Mamba-1 x, Mamba-2 xBC
+        return 0 if self.s.arch == "mamba1" else self.s.d_inner
+
+    @property
+    def act(self) -> str:  # dtype of the prefill matmuls' inputs: fp16 for the tensor cores
+        return "float16" if self.kb.gpu and self.wdtype in ("float16", "int8") else "float32"
 
 
 def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | None):
-    """step_{batch}, or prefill when batch is None."""
-    bb, gpu = kb.bb, kb.gpu
-    step = batch is not None
-    rows = batch if step else tirx.Var("t", "int64")
-    srows = batch if step else 1  # state rows
+    """step_{batch}, or prefill (t symbolic) when batch is None."""
+    gpu, d = kb.gpu, s.d_model
+    rows = batch if batch is not None else tirx.Var("t", "int64")
+    srows = batch if batch is not None else 1  # state rows
     ids = relax.Var("ids", _ty((rows,), "int32"))
     logits = relax.Var("logits", _ty((srows, s.vocab_size)))
-    states = {name_: relax.Var(name_, _ty((srows, *shape))) for name_, shape in state_specs(s)}
+    states = {n: relax.Var(n, _ty((srows, *shape))) for n, shape in state_specs(s)}
     weights = {n: relax.Var(n, _ty(shape, dt)) for n, shape, dt in param_specs(s, wdtype)}
-    w = weights.get
-    e, n, d = s.d_inner, s.d_state, s.d_model
-    NI, C, KC = s.in_proj_dim, s.conv_dim, s.d_conv
-    conv_lo = 0 if s.arch == "mamba1" else e  # conv channels among the in_proj rows
-    act = "float16" if gpu and wdtype in ("float16", "int8") else "float32"  # prefill matmul inputs
+    top = _Layer(kb, s, wdtype, weights, "", None, None)  # the weights outside the layers
 
-    def opt(*names):  # the optional weights this model has
-        return [weights[x] for x in names if x in weights]
-
-    def mat(name):  # a matrix, and its row scales when int8
-        return [weights[name], *opt(name + ".scale")]
-
-    with bb.function(name, [ids, logits, *states.values(), *weights.values()]):
-        with bb.dataflow():
-            h = kb.call(("embed", gpu), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu), [ids, *mat("embedding")],
-                        (rows, d))
+    with kb.bb.function(name, [ids, logits, *states.values(), *weights.values()]):
+        with kb.bb.dataflow():
+            h = kb.call(("embed",), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu), [ids, *top.mat("embedding")],
+                        (rows, d))  # (rows, d_model) float32: the residual stream
             for i in range(s.n_layer):
-                p = f"layers.{i}."
-                conv_state, ssm_state = states[f"conv_state.{i}"], states[f"ssm_state.{i}"]
-                if step:
-                    # RMSNorm · in_proj, the conv step on the conv channels (conv_state in place)
-                    g = GemvSpec(n=NI, k=d, batch=batch, wdtype=wdtype, norm="rms", eps=s.norm_eps, bias=s.use_bias,
-                                 epilogue="conv", conv_lo=conv_lo, conv_hi=conv_lo + C, d_conv=KC,
-                                 conv_bias=s.use_conv_bias)
-                    args = [h, w(p + "norm"), *mat(p + "in_proj"), *opt(p + "in_proj_bias"), w(p + "conv_weight"),
-                            *opt(p + "conv_bias"), conv_state]
-                    _, proj = kb.call_inplace(g, lambda g=g: gemv_kernel(g, gpu), args, [len(args) - 1, -1],
-                                              [conv_state.ty.shape, (batch, NI)])
-                    k = SsmStepSpec(s, batch)
-                    if s.arch == "mamba1":
-                        gx = GemvSpec(n=s.dt_rank + 2 * n, k=e, batch=batch, wdtype=wdtype, x_cols=NI)
-                        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu), [proj, *mat(p + "x_proj")], (batch, gx.n))
-                        args = [proj, dbc, w(p + "dt_proj.T"), w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
-                    else:
-                        args = [proj, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
-                    _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu), args, [len(args) - 1, -1],
-                                           [ssm_state.ty.shape, (batch, e)])
-                    # out_proj (Mamba-2: after the gated RMSNorm), added to the residual in place
-                    if s.arch == "mamba1":
-                        go = GemvSpec(n=d, k=e, batch=batch, wdtype=wdtype, bias=s.use_bias, epilogue="residual")
-                        args = [y, *mat(p + "out_proj"), *opt(p + "out_proj_bias"), h]
-                    else:
-                        go = GemvSpec(n=d, k=e, batch=batch, wdtype=wdtype, norm="gated", groups=s.n_groups,
-                                      norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias,
-                                      epilogue="residual")
-                        args = [y, proj, w(p + "gate_norm"), *mat(p + "out_proj"), *opt(p + "out_proj_bias"), h]
-                    (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu), args, [len(args) - 1], [(batch, d)])
-                else:
-                    rn = RowNormSpec(d, act, eps=s.norm_eps)
-                    hn = kb.call((rn, gpu), lambda: row_norm_kernel(rn, gpu), [h, w(p + "norm")], (rows, d), act)
-                    mi = MatmulSpec(NI, d, wdtype, act, bias=s.use_bias)
-                    proj = kb.call((mi, gpu), lambda: matmul_kernel(mi, gpu, kb.target),
-                                   [hn, *mat(p + "in_proj"), *opt(p + "in_proj_bias")], (rows, NI))
-                    cc = ConvChunkSpec(NI, conv_lo, conv_lo + C, KC, s.use_conv_bias)
-                    args = [proj, w(p + "conv_weight"), *opt(p + "conv_bias"), conv_state]
-                    proj, _ = kb.call_inplace((cc, gpu), lambda: conv_chunk_kernel(cc, gpu), args,
-                                              [0, len(args) - 1], [(rows, NI), conv_state.ty.shape])
-                    k = ScanSpec(s, act if s.arch == "mamba1" else "float32")  # Mamba-1's y goes to out_proj
-                    if s.arch == "mamba1":
-                        r = s.dt_rank
-                        mx = MatmulSpec(r + 2 * n, e, wdtype, "float32", x_cols=NI)
-                        dbc = kb.call((mx, gpu), lambda: matmul_kernel(mx, gpu, kb.target), [proj, *mat(p + "x_proj")],
-                                      (rows, r + 2 * n))
-                        if s.bcdt_rms_eps is not None:
-                            (dbc,) = kb.call_inplace(("bcdt", gpu), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0],
-                                                     [(rows, r + 2 * n)])
-                        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
-                        dt = kb.call((md, gpu), lambda: matmul_kernel(md, gpu, kb.target), [dbc, w(p + "dt_proj.T")],
-                                     (rows, e))
-                        args = [proj, dbc, dt, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
-                    else:
-                        args = [proj, w(p + "dt_bias"), w(p + "A"), w(p + "D"), ssm_state]
-                    _, y = kb.call_inplace((k, gpu), lambda: scan_kernel(k, gpu), args, [len(args) - 1, -1],
-                                           [ssm_state.ty.shape, (rows, e)], [None, k.y_dtype])
-                    if s.arch == "mamba1":
-                        mo = MatmulSpec(d, e, wdtype, act, bias=s.use_bias, residual=True)
-                    else:
-                        gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate,
-                                         z_cols=NI, eps=s.norm_eps)
-                        y = kb.call((gn, gpu), lambda: row_norm_kernel(gn, gpu), [y, proj, w(p + "gate_norm")],
-                                    (rows, e), act)
-                        mo = MatmulSpec(d, e, wdtype, act, bias=s.use_bias, residual=True)
-                    h = kb.call((mo, gpu), lambda: matmul_kernel(mo, gpu, kb.target),
-                                [y, *mat(p + "out_proj"), *opt(p + "out_proj_bias"), h], (rows, d))
-            if not step:
-                h = kb.call(("last_row", d, gpu), lambda: last_row_kernel(d, gpu), [h], (1, d))
-            head = mat("lm_head") if "lm_head" in weights else mat("embedding")
+                layer = _Layer(kb, s, wdtype, weights, f"layers.{i}.", states[f"conv_state.{i}"],
+                               states[f"ssm_state.{i}"])
+                h = _step_layer(layer, h, batch) if batch is not None else _prefill_layer(layer, h, rows)
+            if batch is None:
+                h = kb.call(("last_row",), lambda: last_row_kernel(d, gpu), [h], (1, d))
             gl = GemvSpec(n=s.vocab_size, k=d, batch=srows, wdtype=wdtype, norm="rms", eps=s.norm_eps)
-            args = [h, w("norm_f"), *head, logits]
+            args = [h, top.w("norm_f"), *(top.mat("lm_head") if "lm_head" in weights else top.mat("embedding")),
+                    logits]
             (out,) = kb.call_inplace(gl, lambda: gemv_kernel(gl, gpu), args, [len(args) - 1], [(srows, s.vocab_size)])
-            out = bb.emit_output(out)
-        bb.emit_func_output(out)
+            out = kb.bb.emit_output(out)
+        kb.bb.emit_func_output(out)
+
+
+def _step_layer(L: _Layer, h, batch: int):
+    """One token of `batch` sequences through a layer: 4 kernels (Mamba-1) or 3 (Mamba-2); the
+    residual h (batch, d_model) is updated in place."""
+    kb, s, gpu = L.kb, L.s, L.kb.gpu
+    e, d, NI, C = s.d_inner, s.d_model, s.in_proj_dim, s.conv_dim
+    # RMSNorm · in_proj, then the conv step on the conv channels (conv_state in place)
+    g = GemvSpec(n=NI, k=d, batch=batch, wdtype=L.wdtype, norm="rms", eps=s.norm_eps, bias=s.use_bias,
+                 epilogue="conv", conv_lo=L.conv_lo, conv_hi=L.conv_lo + C, d_conv=s.d_conv, conv_bias=s.use_conv_bias)
+    args = [h, L.w("norm"), *L.mat("in_proj"), *L.opt("in_proj_bias"), L.w("conv_weight"), *L.opt("conv_bias"),
+            L.conv_state]
+    _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu), args, [len(args) - 1, -1],
+                              [s.conv_state_shape(batch), (batch, NI)])  # proj (batch, in_proj_dim)
+    # the state update (ssm_state in place); Mamba-1 first needs x_proj's Δ_in, B, C
+    k = SsmStepSpec(s, batch)
+    if s.arch == "mamba1":
+        gx = GemvSpec(n=s.dt_rank + 2 * s.d_state, k=e, batch=batch, wdtype=L.wdtype, x_cols=NI)
+        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu), [proj, *L.mat("x_proj")], (batch, gx.n))
+        args = [proj, dbc, L.w("dt_proj.T"), L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
+    else:
+        args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
+    _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu), args, [len(args) - 1, -1],
+                           [s.ssm_state_shape(batch), (batch, e)])  # y (batch, d_inner)
+    # out_proj (Mamba-2: after the gated RMSNorm), added to the residual in place
+    if s.arch == "mamba1":
+        go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, bias=s.use_bias, epilogue="residual")
+        args = [y, *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
+    else:
+        go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="gated", groups=s.n_groups,
+                      norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias, epilogue="residual")
+        args = [y, proj, L.w("gate_norm"), *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
+    (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu), args, [len(args) - 1], [(batch, d)])
+    return h
+
+
+def _prefill_layer(L: _Layer, h, rows):
+    """A chunk of `rows` tokens of one sequence through a layer; returns the new residual (rows, d_model)."""
+    kb, s, gpu, act = L.kb, L.s, L.kb.gpu, L.act
+    e, d, n, NI, C = s.d_inner, s.d_model, s.d_state, s.in_proj_dim, s.conv_dim
+    rn = RowNormSpec(d, act, eps=s.norm_eps)
+    hn = kb.call(rn, lambda: row_norm_kernel(rn, gpu), [h, L.w("norm")], (rows, d), act)
+    mi = MatmulSpec(NI, d, L.wdtype, act, bias=s.use_bias)
+    proj = kb.call(mi, lambda: matmul_kernel(mi, gpu, kb.target), [hn, *L.mat("in_proj"), *L.opt("in_proj_bias")],
+                   (rows, NI))  # (rows, in_proj_dim)
+    cc = ConvChunkSpec(NI, L.conv_lo, L.conv_lo + C, s.d_conv, s.use_conv_bias)
+    args = [proj, L.w("conv_weight"), *L.opt("conv_bias"), L.conv_state]
+    proj, _ = kb.call_inplace(cc, lambda: conv_chunk_kernel(cc, gpu), args, [0, len(args) - 1],
+                              [(rows, NI), s.conv_state_shape(1)])  # conv channels now conv'd, in place
+    k = ScanSpec(s, act if s.arch == "mamba1" else "float32")  # Mamba-1's y goes straight to out_proj
+    if s.arch == "mamba1":
+        r = s.dt_rank
+        mx = MatmulSpec(r + 2 * n, e, L.wdtype, "float32", x_cols=NI)
+        dbc = kb.call(mx, lambda: matmul_kernel(mx, gpu, kb.target), [proj, *L.mat("x_proj")], (rows, r + 2 * n))
+        if s.bcdt_rms_eps is not None:
+            (dbc,) = kb.call_inplace(("bcdt",), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0], [(rows, r + 2 * n)])
+        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
+        dt = kb.call(md, lambda: matmul_kernel(md, gpu, kb.target), [dbc, L.w("dt_proj.T")], (rows, e))
+        args = [proj, dbc, dt, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
+    else:
+        args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
+    _, y = kb.call_inplace(k, lambda: scan_kernel(k, gpu), args, [len(args) - 1, -1],
+                           [s.ssm_state_shape(1), (rows, e)], [None, k.y_dtype])  # y (rows, d_inner)
+    if s.arch == "mamba2":
+        gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate, z_cols=NI,
+                         eps=s.norm_eps)
+        y = kb.call(gn, lambda: row_norm_kernel(gn, gpu), [y, proj, L.w("gate_norm")], (rows, e), act)
+    mo = MatmulSpec(d, e, L.wdtype, act, bias=s.use_bias, residual=True)
+    return kb.call(mo, lambda: matmul_kernel(mo, gpu, kb.target), [y, *L.mat("out_proj"), *L.opt("out_proj_bias"), h],
+                   (rows, d))
 
 
 def relax_pipeline():
