@@ -2,10 +2,12 @@
 
 The artifact holds `model.so` (the Relax VM executable and its kernels, built by
 `edgemamba.kernels.tvm_build`), the weights packed separately (`weights.bin`, aligned raw tensors
-indexed in the manifest), and for CUDA the kernels' cubin compiled at build time. Loading needs
-`apache-tvm-ffi` and three shared libraries of the `apache-tvm` wheel: `libtvm_runtime.so`
-(+ `libtvm_runtime_cuda.so` for CUDA), found in `$EDGEMAMBA_TVM_RUNTIME` or in an installed
-`tvm` package, whose compiler (`libtvm_compiler.so`) is never loaded.
+indexed in the manifest; fp32, fp16 or int8 with per-row scales), and for CUDA the kernels' cubin
+compiled at build time. Loading needs `apache-tvm-ffi` (NumPy-only Python otherwise) and the
+runtime library of the `apache-tvm` wheel, `libtvm_runtime.so` (+ `libtvm_runtime_cuda.so` for
+CUDA, about 3.8 MB together), found in `$EDGEMAMBA_TVM_RUNTIME` or in an installed `tvm` package,
+whose compiler (`libtvm_compiler.so`, 259 MB) is never loaded. `tvm_host.cc` beside this file does
+the same from C++ for CPU targets.
 
 The state of `batch` sequences is allocated once (rows padded up to a compiled step batch) and
 updated in place by the kernels; on the CPU `.state` views those arrays directly, on a GPU it is a
