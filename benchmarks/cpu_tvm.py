@@ -3,7 +3,7 @@
     python benchmarks/cpu_tvm.py [--size 130m] [--arch mamba1] [--rounds 3] [--threads 2]
 
 A random-weight transformers checkpoint of the size is written under benchmarks/.cache (no hub here),
-compiled with `edgemamba compile` for ort-cpu fp32, tvm-llvm fp32 and tvm-llvm fp16, then each artifact
+compiled with `edgemamba compile` for ort-cpu fp32 and tvm-llvm fp32, fp16 and int8, then each artifact
 is benchmarked in its own process per round (`edgemamba bench ART --tokens T --prompt-len 512 --repeats 3
 --threads N --json`), the artifacts alternating within each round. Prints a markdown table of medians
 over rounds and the load average seen by each run (the machine is shared).
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache" / "cpu_tvm"
 SIZES = {"130m": (768, 24), "370m": (1024, 48)}
-ARTIFACTS = [("ort-cpu", "fp32"), ("tvm-llvm", "fp32"), ("tvm-llvm", "fp16")]
+ARTIFACTS = [("ort-cpu", "fp32"), ("tvm-llvm", "fp32"), ("tvm-llvm", "fp16"), ("tvm-llvm", "int8")]
 
 
 def checkpoint(size: str, arch: str) -> Path:
