@@ -5,8 +5,13 @@
     tvm-cuda      NVIDIA GPUs of one architecture (arch sm_87 Jetson Orin, sm_90 H100, ...); the CUDA
                   kernels are compiled to cubin here with nvcc, so the device compiles nothing
 
+Precisions: fp32, fp16 (weights; state and activations stay float32), int8 (weight-only, one scale
+per output row, dequantized inside the kernels). int4 is not implemented.
+
 The artifact: model.so (the library), weights.bin (packed weights, see runtimes.tvm.param_specs),
-kernels.<arch>.cubin for CUDA, tokenizer.json when the checkpoint has one, manifest.json.
+kernels.<arch>.cubin for CUDA, tokenizer.json when the checkpoint has one, manifest.json. A tvm-llvm
+library is built for this machine's CPU (LLVM -mcpu of the host, recorded in the manifest's target):
+it may not run on an older CPU.
 """
 
 from __future__ import annotations
