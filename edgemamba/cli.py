@@ -121,11 +121,12 @@ def export(checkpoint, output, force):
 @click.option("--device", help="Device profile (`edgemamba devices`): picks defaults, refuses a model that does not fit.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--recipe", type=click.Path(), help="YAML recipe: per-layer overrides (block_size, keep, skip_layers, ...).")
+@click.option("--arch", default=None, help="GPU architecture for tvm-cuda (e.g. sm_87 for Jetson Orin, sm_90 for H100).")
 @click.option("--calib", type=click.Path(), help="Calibration text or token ids (w8a8: static activation scales).")
 @click.option("--calib-tokens", default=1024, show_default=True, type=click.IntRange(16, 1 << 20))
 @click.option("--verify-text", type=click.Path(), help="Held-out text: print a short accuracy report after compiling.")
 @click.option("--force", is_flag=True, help="Replace the artifact if it exists.")
-def compile_cmd(checkpoint, target, precision, output, recipe, calib, calib_tokens, verify_text, force, device):
+def compile_cmd(checkpoint, target, precision, output, recipe, arch, calib, calib_tokens, verify_text, force, device):
     """Compile a checkpoint into a deployable artifact (manifest + graphs + weights + tokenizer).
 
     Precisions for ort-cpu: fp32, fp16 (16-bit weights, float32 islands and state), int8 and int4
@@ -155,7 +156,8 @@ def compile_cmd(checkpoint, target, precision, output, recipe, calib, calib_toke
         from edgemamba.verify import read_ids
 
         calib_ids = read_ids(calib, _load_tokenizer(ckpt.tokenizer_path, ckpt.spec.vocab_size), calib_tokens)
-    art = compile_artifact(ckpt, output, target, precision, force, parsed, calib_ids)
+    options = {"arch": arch} if arch else {}
+    art = compile_artifact(ckpt, output, target, precision, force, parsed, calib_ids, **options)
     files = art.manifest["files"]
     total = sum(f["bytes"] for f in files.values())
     spec = art.spec
