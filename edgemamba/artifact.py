@@ -151,7 +151,7 @@ def check_target(target: str, precision: str) -> None:
 def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", precision: str = "fp32",
                      force: bool = False, recipe=None, calib_ids=None, **options) -> Artifact:
     """`options` go to targets with their own builder (tvm-cuda: arch="sm_87")."""
-    from edgemamba.export import GRAPHS, build_graphs, save_graphs, state_shapes
+    from edgemamba.export import GRAPHS, build_graphs, save_graphs
     from edgemamba.passes.pipelines import PIPELINES, build_pipeline
 
     check_target(target, precision)
@@ -171,41 +171,56 @@ def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", prec
         if engines is not None:
             engine_files, built = engines.compile_engines(tmp, spec, precision, files)
             files.update(engine_files)
-        tokenizer = None
-        if ckpt.tokenizer_path is not None:
-            shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
-            files["tokenizer"] = tmp / "tokenizer.json"
-            tokenizer = "tokenizer.json"
-        state_dtype = (recipe.state_dtype if recipe else "float32")
-        state = []
-        for key, shape in state_shapes(spec).items():
-            kind, i = key.split(".")
-            state.append({"name": f"{kind}_state.{i}", "input": f"past_{kind}_state.{i}",
-                          "output": f"present_{kind}_state.{i}", "shape": list(shape),
-                          "dtype": state_dtype if kind == "ssm" else "float32"})
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "edgemamba_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": target,
-            "precision": precision,
-            "spec": spec.to_dict(),
-            "spec_hash": spec.spec_hash(),
-            "pipeline": pipeline,
-            "graphs": {k: files[k].name for k in GRAPHS},
-            "tokenizer": tokenizer,
-            "io": {"input_ids": {"dtype": "int64", "shape": ["batch", "seq"]},
-                   "logits": {"dtype": "float32", "shape": ["batch", spec.vocab_size]}},
-            "state": state,
-            "state_bytes_per_sequence": state_bytes(state),
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files.values()},
-            "source": {"checkpoint": str(ckpt.path) if ckpt.path else None,
-                       "bytes_by_dtype": ckpt.source_bytes_by_dtype},
-            **built,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, spec, target, precision, ckpt, graphs={k: files[k].name for k in GRAPHS},
+                       files=list(files.values()), ssm_state_dtype=recipe.state_dtype if recipe else "float32",
+                       pipeline=pipeline, **built)
     return load_artifact(dest, verify=False)
+
+
+def state_entries(spec: ModelSpec, ssm_dtype: str = "float32") -> list[dict]:
+    """The manifest's state tensors: graph input/output names, shapes (batch symbolic), dtypes."""
+    out = []
+    for i in range(spec.n_layer):
+        for kind, shape in (("conv", spec.conv_state_shape(1)), ("ssm", spec.ssm_state_shape(1))):
+            out.append({"name": f"{kind}_state.{i}", "input": f"past_{kind}_state.{i}",
+                        "output": f"present_{kind}_state.{i}", "shape": ["batch", *shape[1:]],
+                        "dtype": ssm_dtype if kind == "ssm" else "float32"})
+    return out
+
+
+def write_manifest(tmp: Path, spec: ModelSpec, target: str, precision: str, ckpt: Checkpoint | None, *,
+                   graphs: dict[str, str], files: list[Path], ssm_state_dtype: str = "float32",
+                   ids_dtype: str = "int64", **sections) -> None:
+    """Copy the tokenizer (if any) and write manifest.json for the files of an artifact being built in
+    `tmp`; `sections` are target-specific manifest sections (pipeline, tensorrt, tvm)."""
+    files = list(files)
+    tokenizer = None
+    if ckpt is not None and ckpt.tokenizer_path is not None:
+        shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
+        files.append(tmp / "tokenizer.json")
+        tokenizer = "tokenizer.json"
+    state = state_entries(spec, ssm_state_dtype)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "edgemamba_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "target": target,
+        "precision": precision,
+        "spec": spec.to_dict(),
+        "spec_hash": spec.spec_hash(),
+        "graphs": graphs,
+        "tokenizer": tokenizer,
+        "io": {"input_ids": {"dtype": ids_dtype, "shape": ["batch", "seq"]},
+               "logits": {"dtype": "float32", "shape": ["batch", spec.vocab_size]}},
+        "state": state,
+        "state_bytes_per_sequence": state_bytes(state),
+        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
+        "source": {"checkpoint": str(ckpt.path) if ckpt is not None and ckpt.path else None,
+                   "bytes_by_dtype": ckpt.source_bytes_by_dtype if ckpt is not None else {}},
+        **sections,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
 def load_artifact(path: Path | str, verify: bool = True) -> Artifact:

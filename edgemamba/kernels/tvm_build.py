@@ -16,7 +16,6 @@ it may not run on an older CPU.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import shutil
@@ -26,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemamba import __version__
 from edgemamba.errors import EdgeMambaError
 
 PRECISIONS = ("fp32", "fp16", "int8")  # int8: weight-only, per-row scales
@@ -138,9 +136,8 @@ def compile_tvm_library(spec, dest: Path, target: str, precision: str, force: bo
 
 
 def _write_artifact(spec, dest, target, precision, force, *, arch, batches, ckpt):
-    from edgemamba.artifact import (FORMAT, FORMAT_VERSION, MANIFEST, atomic_dir, load_artifact, sha256_file,
-                                    state_bytes)
-    from edgemamba.runtimes.tvm import WEIGHTS, pack_weights, state_specs, write_packed
+    from edgemamba.artifact import atomic_dir, load_artifact, write_manifest
+    from edgemamba.runtimes.tvm import WEIGHTS, pack_weights, write_packed
 
     if precision not in TARGETS[target].precisions:
         raise EdgeMambaError(f"precision {precision!r} is not available for target {target!r}; "
@@ -152,31 +149,6 @@ def _write_artifact(spec, dest, target, precision, force, *, arch, batches, ckpt
         if ckpt is not None:
             info["params"] = write_packed(pack_weights(spec, ckpt.weights, precision), tmp / WEIGHTS)
             files.append(tmp / WEIGHTS)
-        tokenizer = None
-        if ckpt is not None and ckpt.tokenizer_path is not None:
-            shutil.copyfile(ckpt.tokenizer_path, tmp / "tokenizer.json")
-            files.append(tmp / "tokenizer.json")
-            tokenizer = "tokenizer.json"
-        state = [{"name": name, "shape": ["batch", *shape], "dtype": "float32"} for name, shape in state_specs(spec)]
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "edgemamba_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "target": target,
-            "precision": precision,
-            "spec": spec.to_dict(),
-            "spec_hash": spec.spec_hash(),
-            "graphs": {"library": info["library"]},
-            "tokenizer": tokenizer,
-            "io": {"input_ids": {"dtype": "int32", "shape": ["batch", "seq"]},
-                   "logits": {"dtype": "float32", "shape": ["batch", spec.vocab_size]}},
-            "state": state,
-            "state_bytes_per_sequence": state_bytes(state),
-            "tvm": info,
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files},
-            "source": {"checkpoint": str(ckpt.path) if ckpt is not None and ckpt.path else None,
-                       "bytes_by_dtype": ckpt.source_bytes_by_dtype if ckpt is not None else {}},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, spec, target, precision, ckpt, graphs={"library": info["library"]}, files=files,
+                       ids_dtype="int32", tvm=info)
     return load_artifact(dest, verify=False)
