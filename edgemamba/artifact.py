@@ -68,6 +68,9 @@ def atomic_dir(dest: Path, force: bool = False):
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact gets the usual mode
     except OSError as e:
         raise EdgeMambaError(f"{dest.parent}: cannot write here ({e.strerror or e})") from None
     try:
