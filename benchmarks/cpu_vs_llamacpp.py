@@ -436,8 +436,8 @@ class Run:
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         self.json_path.write_text(json.dumps(
             {"started": self.started.isoformat(), "command": self.command, "llama_commit": self.llama.commit,
-             "finished": self.finished, "rows": self.rows, "flat": self.flat, "skipped": self.skipped,
-             "resumed": self.resumed},
+             "settings": settings(self.args), "finished": self.finished, "rows": self.rows, "flat": self.flat,
+             "skipped": self.skipped, "resumed": self.resumed},
             indent=1, default=str))
         if self.args.write:
             write_block(render(self))
@@ -487,7 +487,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256, help="edgemamba bench --tokens (decode steps timed)")
     ap.add_argument("--no-context-check", dest="context_check", action="store_false")
     ap.add_argument("--long-context", type=int, default=32768)
-    ap.add_argument("--context-rounds", type=int, default=1)
+    ap.add_argument("--context-rounds", type=int, default=2, help="alternations of the two contexts")
     ap.add_argument("--quiet", type=float, default=0.25,
                     help="before each round, wait until other processes use less than this fraction of the CPUs")
     ap.add_argument("--max-wait", type=float, default=60, help="... but no longer than this many seconds")
@@ -539,10 +539,18 @@ def main() -> int:
     return 0
 
 
+def settings(args: argparse.Namespace) -> dict:
+    """The options that shape the figures: a run resumes only one made with the same."""
+    keys = ("rounds", "info_rounds", "llama_reps", "tokens", "long_context", "context_rounds")
+    return {k: getattr(args, k) for k in keys}
+
+
 def resume(run_: Run, prev: dict) -> None:
     """Keep an earlier run's rows that have both peers' figures, measured while the machine was
     quiet enough, and its completed flat checks likewise; the rest is measured again (a row with
     llama.cpp alone too: edgemamba may have that precision now)."""
+    if prev.get("settings") != settings(run_.args):
+        sys.exit(f"cannot resume: that run used {prev.get('settings')}, this one {settings(run_.args)}")
     quiet = run_.args.quiet
     run_.resumed = {"started": prev["started"], "command": prev["command"]}
     run_.rows = [r for r in prev["rows"] if "ratios" in r["figures"] and r["figures"]["others_cpu"] <= quiet]
@@ -585,7 +593,8 @@ def _mib(n: float) -> str:
 
 def _verdict(ratio: float, bar: float, at_most: bool) -> str:
     ok = ratio <= bar if at_most else ratio >= bar
-    return f"{ratio:.2f} {'pass' if ok else 'FAIL'}"
+    shown = f"{ratio:.2f}" if f"{ratio:.2f}" != f"{bar:.2f}" else f"{ratio:.3f}"  # no "1.50 FAIL" against 1.5
+    return f"{shown} {'pass' if ok else 'FAIL'}"
 
 
 def render(run_: Run) -> str:
