@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemamba import __version__
-from edgemamba.checkpoint import Checkpoint
 from edgemamba.errors import EdgeMambaError
 from edgemamba.spec import ModelSpec
 
 FORMAT = "edgemamba-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+GRAPHS = ("step", "prefill")  # ONNX targets: step.onnx and prefill.onnx
+WEIGHTS_FILE = "weights.bin"  # ... sharing one weights file
 
 def _targets() -> dict[str, tuple[str, ...]]:
     from edgemamba.passes.pipelines import PIPELINES, precisions_for
@@ -41,8 +42,26 @@ def _builders() -> dict:
     return {target: (t.precisions, compile_tvm_artifact) for target, t in TVM_TARGETS.items()}
 
 
-# target -> precisions it can build now. Looked up, never branched on.
-TARGETS: dict[str, tuple[str, ...]] = _targets()
+RUNTIME_TARGETS = ("ort-cpu", "tensorrt", "tvm-llvm", "tvm-aarch64", "tvm-cuda")  # edgemamba.runtimes
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
+
+
+def targets() -> dict[str, tuple[str, ...]]:
+    """target -> precisions it can build now. Looked up, never branched on. Computed on first use:
+    it imports the compiler side (passes, TVM), which running an artifact never needs."""
+    global _TARGETS
+    if _TARGETS is None:
+        _TARGETS = _targets()
+    return _TARGETS
+
+
+_TARGETS = None
+
+
+def __getattr__(name: str):  # `artifact.TARGETS`, lazily
+    if name == "TARGETS":
+        return targets()
+    raise AttributeError(name)
 
 # Targets whose artifacts add files built from the saved graphs (TensorRT: an engine per graph):
 # target -> module with `check()` (refuses before any work) and
@@ -143,15 +162,15 @@ def state_bytes(state: list[dict], batch: int = 1) -> int:
 
 
 def check_target(target: str, precision: str) -> None:
-    if target not in TARGETS:
-        raise EdgeMambaError(f"unknown target {target!r}; available: {', '.join(TARGETS)}")
-    if precision not in TARGETS[target]:
+    if target not in targets():
+        raise EdgeMambaError(f"unknown target {target!r}; available: {', '.join(targets())}")
+    if precision not in targets()[target]:
         raise EdgeMambaError(
-            f"precision {precision!r} is not available for target {target!r}; available: {', '.join(TARGETS[target])}"
+            f"precision {precision!r} is not available for target {target!r}; available: {', '.join(targets()[target])}"
         )
 
 
-def compile_artifact(ckpt: Checkpoint, dest: Path, target: str = "ort-cpu", precision: str = "fp32",
+def compile_artifact(ckpt: "Checkpoint", dest: Path, target: str = "ort-cpu", precision: str = "fp32",
                      force: bool = False, recipe=None, calib_ids=None, **options) -> Artifact:
     """`options` go to targets with their own builder (tvm-cuda: arch="sm_87")."""
     from edgemamba.export import GRAPHS, build_graphs, save_graphs
@@ -191,7 +210,7 @@ def state_entries(spec: ModelSpec, ssm_dtype: str = "float32") -> list[dict]:
     return out
 
 
-def write_manifest(tmp: Path, spec: ModelSpec, target: str, precision: str, ckpt: Checkpoint | None, *,
+def write_manifest(tmp: Path, spec: ModelSpec, target: str, precision: str, ckpt: "Checkpoint | None", *,
                    graphs: dict[str, str], files: list[Path], ssm_state_dtype: str = "float32",
                    ids_dtype: str = "int64", **sections) -> None:
     """Copy the tokenizer (if any) and write manifest.json for the files of an artifact being built in
@@ -249,7 +268,10 @@ def load_artifact(path: Path | str, verify: bool = True) -> Artifact:
     spec = ModelSpec.from_dict(manifest["spec"])
     if manifest.get("spec_hash") != spec.spec_hash():  # the manifest's own spec, hand-edited or damaged
         raise EdgeMambaError(f"{mpath}: the spec does not match its spec_hash (manifest edited or corrupted)")
-    check_target(manifest["target"], manifest["precision"])
+    # Against the targets the runtimes know, not targets(): that would import the compiler side.
+    if manifest["target"] not in RUNTIME_TARGETS or manifest["precision"] not in PRECISIONS:
+        raise EdgeMambaError(f"{mpath}: target/precision {manifest['target']}/{manifest['precision']} is not one "
+                             f"this edgemamba runs (targets: {', '.join(RUNTIME_TARGETS)})")
     files = manifest["files"]
     for name, info in files.items():
         f = path / name

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, for bf16 safetensors)
 import numpy as np
 
 from edgemamba.errors import EdgeMambaError
@@ -276,6 +275,7 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 class _SafetensorsTensors(_Tensors):
     def __init__(self, files: list[Path], where: str):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, for bf16 safetensors)
         from safetensors import safe_open
 
         self.where = where

@@ -244,9 +244,11 @@ def _prompt_ids(session, prompt, prompt_ids):
 @click.option("--state-out", type=click.Path(), help="Save the final state here.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: physical cores).")
 @click.option("--no-verify", is_flag=True, help="Skip artifact checksum verification on load.")
+@click.option("--engine", type=click.Choice(["auto", "native", "ort"]), default="auto", show_default=True,
+              help="ort-cpu artifacts: edgemamba's native CPU engine, ONNX Runtime, or native where supported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(artifact, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_k, top_p, seed, stop_ids, state_in,
-        state_out, threads, no_verify, as_json):
+        state_out, threads, no_verify, engine, as_json):
     """Stream tokens from an artifact.
 
     \b
@@ -264,7 +266,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_k
     if greedy and temperature:
         raise click.UsageError("--greedy and --temperature are exclusive")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    session = Session(artifact, threads=threads, verify=not no_verify)
+    session = Session(artifact, threads=threads, verify=not no_verify, engine=engine)
     ids = _prompt_ids(session, prompt, prompt_ids)
     if state_in:
         session.load_state(state_in)
@@ -314,8 +316,11 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_k
 @click.option("--no-measure", is_flag=True, help="With --predict: the prediction only, nothing measured here.")
 @click.option("--contexts", help="Decode latency and memory at these context lengths instead, e.g. 64,1k,8k,64k.")
 @click.option("--plot", type=click.Path(), help="With --contexts: write the plot (PNG) here and its data beside it (.json).")
+@click.option("--engine", type=click.Choice(["auto", "native", "ort"]), default="auto", show_default=True,
+              help="ort-cpu artifacts: edgemamba's native CPU engine, ONNX Runtime, or native where supported.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, tokens, prompt_len, context, repeats, threads, predict_device, no_measure, contexts, plot, as_json):
+def bench(artifact, tokens, prompt_len, context, repeats, threads, predict_device, no_measure, contexts, plot, engine,
+          as_json):
     """Measure decode latency (p50/p90/p99), prefill throughput, peak RSS and state bytes.
 
     \b
@@ -334,7 +339,8 @@ def bench(artifact, tokens, prompt_len, context, repeats, threads, predict_devic
     if no_measure and not predict_device:
         raise click.UsageError("--no-measure needs --predict DEVICE")
     result = {} if no_measure else bench_artifact(artifact, tokens=tokens, prompt_len=prompt_len, context=context,
-                                                  repeats=repeats, threads=threads, progress=not as_json)
+                                                  repeats=repeats, threads=threads, progress=not as_json,
+                                                  engine=engine)
     if predict_device:
         from edgemamba.devices.cli import bench_prediction, echo_prediction
 
@@ -350,6 +356,8 @@ def bench(artifact, tokens, prompt_len, context, repeats, threads, predict_devic
                    f"median of {repeats})")
         click.echo(f"peak RSS    {_fmt_bytes(result['peak_rss_bytes'])}   weights {_fmt_bytes(result['weight_bytes'])}")
         click.echo(f"state       {_fmt_bytes(result['state_bytes'])} per sequence")
+        click.echo(f"engine      {result['engine']}" + (f" (native engine not used: {result['fallback_reason']})"
+                                                         if result.get("fallback_reason") else ""))
     if predict_device:
         echo_prediction(result["prediction"])
 

@@ -35,9 +35,9 @@ from edgemamba.checkpoint import Checkpoint
 from edgemamba.passes import fuse
 from edgemamba.spec import ModelSpec
 
+from edgemamba.artifact import GRAPHS, WEIGHTS_FILE  # noqa: F401  (the artifact format names its files)
+
 OPSET = 18
-GRAPHS = ("step", "prefill")
-WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64  # bytes; keeps every tensor aligned for zero-copy mapping
 
 

@@ -28,12 +28,12 @@ def peak_rss_bytes() -> int:
 
 
 def bench_artifact(artifact, *, tokens=256, prompt_len=512, context=0, repeats=3, threads=None, progress=False,
-                   seed=0) -> dict:
+                   seed=0, engine="auto") -> dict:
     import click
 
     from edgemamba.session import Session
 
-    session = Session(artifact, threads=threads)
+    session = Session(artifact, threads=threads, engine=engine)
     rng = np.random.default_rng(seed)
     vocab = session.spec.vocab_size
     prompt = rng.integers(0, vocab, prompt_len)
@@ -65,6 +65,8 @@ def bench_artifact(artifact, *, tokens=256, prompt_len=512, context=0, repeats=3
         "artifact": str(session.artifact.path),
         "target": session.artifact.target,
         "precision": session.artifact.precision,
+        "engine": session.engine,
+        **({"fallback_reason": r} if (r := getattr(session.backend, "fallback_reason", None)) else {}),
         "tokens": tokens,
         "context": int(session.positions[0] - tokens - 8),
         "decode_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),

@@ -30,7 +30,7 @@ _BUSY = "this Session is in use by another thread; give each thread its own Sess
 
 class Session:
     def __init__(self, artifact: str | Path | Artifact, *, batch: int = 1, threads: int | None = None,
-                 verify: bool = True, prefill_chunk: int = 256):
+                 verify: bool = True, prefill_chunk: int = 256, engine: str = "auto"):
         if batch < 1:
             raise EdgeMambaError(f"batch must be ≥ 1, got {batch}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, verify=verify)
@@ -39,7 +39,10 @@ class Session:
         self.prefill_chunk = prefill_chunk
         from edgemamba.runtimes import backend_for
 
-        self.backend = backend_for(self.artifact)(self.artifact, batch, threads)
+        # engine (ort-cpu artifacts): "native" (edgemamba's C++ engine), "ort" (ONNX Runtime), or
+        # "auto": native where it supports the artifact, else ONNX Runtime (backend.fallback_reason).
+        self.backend = backend_for(self.artifact, engine)(self.artifact, batch, threads)
+        self.engine = getattr(self.backend, "engine", self.artifact.target)  # what runs it: "native", "ort", ...
         self.positions = [0] * batch  # tokens seen by each sequence
         self.tokenizer = _load_tokenizer(self.artifact.tokenizer_path, self.spec.vocab_size)
         eos = self.spec.eos_token_id

@@ -18,9 +18,9 @@ import onnx
 import onnxruntime as ort
 import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 
-from edgemamba.artifact import Artifact
+from edgemamba.artifact import GRAPHS, WEIGHTS_FILE, Artifact
 from edgemamba.errors import EdgeMambaError
-from edgemamba.export import GRAPHS, WEIGHTS_FILE
+from edgemamba.runtimes import physical_cores
 
 
 # ONNX Runtime's own exception types (none derives from a common base other than Exception), and
@@ -86,6 +86,9 @@ def _shared_weights(graph_path: Path, model: onnx.ModelProto, weights: np.ndarra
 
 
 class OrtBackend:
+    engine = "ort"
+    fallback_reason: str | None = None  # set when the native engine was asked first and declined
+
     def __init__(self, artifact: Artifact, batch: int, threads: int | None = None):
         self.spec = artifact.spec
         self.batch = batch
@@ -106,7 +109,7 @@ class OrtBackend:
         for kind in GRAPHS:
             graph = _load_graph(artifact.file(kind), self._interface(kind))
             so = ort.SessionOptions()
-            so.intra_op_num_threads = threads or _physical_cores()
+            so.intra_op_num_threads = threads or physical_cores()
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # Prepacking copies weights per session (step and prefill would hold two copies), but
@@ -209,12 +212,3 @@ class OrtBackend:
 def _first_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:300]
-
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1

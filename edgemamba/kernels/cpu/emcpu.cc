@@ -1,0 +1,900 @@
+// edgemamba's native CPU engine (see emcpu.h). One file on purpose: the whole decode step is here.
+//
+// Why it exists (benchmarks/RESULTS.md, issue 6): ONNX Runtime runs the decode step as ~1000 small
+// nodes, which costs more than the weights' memory traffic on a small model, expands fp16 weights
+// to float32 copies, and its int8 kernels either quantize activations (below the int8 accuracy bar)
+// or run 60x slower. Here a step is a few passes over the weights, read in their stored format.
+//
+// Layout: thread pool; math (exp, softplus, silu: branch-free so loops vectorize); linear layers
+// (small-M kernels that stream the weights once, and a panel GEMM for prefill chunks); the Mamba
+// mixers; the C API.
+#include "emcpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define EM_AVX2 1
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// denormals: a decaying state underflows into them, and x86 runs them ~100x slower. Flushed to
+// zero while the engine runs (per thread; the caller's mode is restored on return).
+// ---------------------------------------------------------------------------------------------
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned saved;
+    FlushDenormals() {
+        __asm__ volatile("stmxcsr %0" : "=m"(saved));
+        unsigned v = saved | 0x8040;  // FTZ | DAZ
+        __asm__ volatile("ldmxcsr %0" : : "m"(v));
+    }
+    ~FlushDenormals() { __asm__ volatile("ldmxcsr %0" : : "m"(saved)); }
+#elif defined(__aarch64__)
+    uint64_t saved;
+    FlushDenormals() {
+        __asm__ volatile("mrs %0, fpcr" : "=r"(saved));
+        uint64_t v = saved | (1ull << 24);  // FZ
+        __asm__ volatile("msr fpcr, %0" : : "r"(v));
+    }
+    ~FlushDenormals() { __asm__ volatile("msr fpcr, %0" : : "r"(saved)); }
+#endif
+};
+
+// ---------------------------------------------------------------------------------------------
+// thread pool: the caller is thread 0. Workers spin briefly between jobs (a decode step dispatches
+// ~5 jobs per layer, each tens of microseconds), then sleep until the next job.
+// ---------------------------------------------------------------------------------------------
+using Job = void (*)(void *ctx, int tid, int nth);
+
+struct Pool {
+    int n = 1;
+    std::vector<std::thread> threads;
+    Job job = nullptr;
+    void *ctx = nullptr;
+    std::atomic<unsigned> gen{0};
+    std::atomic<int> done{0};
+    bool stop = false;
+    std::mutex mu;
+    std::condition_variable cv;
+
+    explicit Pool(int n_threads) : n(std::max(1, n_threads)) {
+        for (int i = 1; i < n; i++) threads.emplace_back([this, i] { worker(i); });
+    }
+    ~Pool() {
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            stop = true;
+            gen.fetch_add(1, std::memory_order_release);
+        }
+        cv.notify_all();
+        for (auto &t : threads) t.join();
+    }
+    void run(Job j, void *c) {
+        if (n == 1) return j(c, 0, 1);
+        job = j;
+        ctx = c;
+        done.store(0, std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            gen.fetch_add(1, std::memory_order_release);
+        }
+        cv.notify_all();
+        j(c, 0, n);
+        for (int spins = 0; done.load(std::memory_order_acquire) < n - 1; spins++) backoff(spins);
+    }
+    // Spin first (a job is tens of microseconds); past that, yield the core: on a busy machine a
+    // spinning thread can hold the core that the thread it waits for needs.
+    static inline void backoff(int spins) {
+        if (spins < 4096) pause();
+        else std::this_thread::yield();
+    }
+    static inline void pause() {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ volatile("yield");
+#endif
+    }
+    void worker(int tid) {
+        FlushDenormals ftz;
+        unsigned seen = 0;
+        for (;;) {
+            auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
+            unsigned g;
+            for (int spins = 0;; spins++) {
+                g = gen.load(std::memory_order_acquire);
+                if (g != seen) break;
+                if ((spins & 1023) == 1023 && std::chrono::steady_clock::now() > until) {
+                    std::unique_lock<std::mutex> lock(mu);
+                    cv.wait(lock, [&] { return gen.load(std::memory_order_acquire) != seen; });
+                }
+                backoff(spins);
+            }
+            seen = g;
+            if (stop) return;
+            job(ctx, tid, n);
+            done.fetch_add(1, std::memory_order_release);
+        }
+    }
+};
+
+// Items [0, n) split evenly over the threads, in multiples of `align`.
+inline void split(int n, int align, int tid, int nth, int *b, int *e) {
+    int units = (n + align - 1) / align;
+    *b = std::min(n, (int)((long)units * tid / nth) * align);
+    *e = std::min(n, (int)((long)units * (tid + 1) / nth) * align);
+}
+
+template <class F>
+void parallel(Pool &pool, F &f) {
+    pool.run([](void *c, int tid, int nth) { (*static_cast<F *>(c))(tid, nth); }, &f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// math: branch-free float32 functions, so the loops that call them vectorize (x86 and NEON)
+// ---------------------------------------------------------------------------------------------
+inline float bits_to_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+
+// exp(x), relative error ~2e-7; results below FLT_MIN flush to ~1e-38 (never denormal).
+inline float em_exp(float x) {
+    x = std::min(std::max(x, -87.3f), 88.7f);
+    float k = std::floor(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693145751953125f - k * 1.42860682030941723212e-6f;
+    float p = 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    return p * bits_to_float((uint32_t)((int32_t)k + 127) << 23);
+}
+
+// log(u) for u >= 1 (normal floats), relative error ~1e-7.
+inline float em_log(float u) {
+    uint32_t bits = float_to_bits(u);
+    float e = (float)((int32_t)(bits >> 23) - 127);
+    float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+    if (m > 1.41421356f) {  // [sqrt(2)/2, sqrt(2)) keeps s small; a select, not a branch
+        m *= 0.5f;
+        e += 1.f;
+    }
+    float s = (m - 1.f) / (m + 1.f), s2 = s * s;
+    float p = 1.f / 11;
+    p = p * s2 + 1.f / 9;
+    p = p * s2 + 1.f / 7;
+    p = p * s2 + 1.f / 5;
+    p = p * s2 + 1.f / 3;
+    p = p * s2 + 1.f;
+    return 2.f * s * p + e * 0.693147180559945309f;
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(w) = log(1+w)·w/((1+w)-1) keeps tiny w exact.
+inline float em_softplus(float x) {
+    float w = em_exp(-std::fabs(x));
+    float u = 1.f + w, d = u - 1.f;
+    float l1p = d == 0.f ? w : em_log(u) * (w / d);
+    return std::max(x, 0.f) + l1p;
+}
+
+inline float em_silu(float x) { return x / (1.f + em_exp(-x)); }
+
+inline float half_to_float(uint16_t h) {
+#ifdef EM_AVX2
+    return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+    __fp16 f;
+    std::memcpy(&f, &h, 2);
+    return (float)f;
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0) {  // zero or subnormal
+        float v = std::ldexp((float)man, -24);
+        return sign ? -v : v;
+    }
+    if (exp == 31) return bits_to_float(sign | 0x7f800000u | (man << 13));
+    return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear layers: Y (m, n) = X (m, k) · W (+ bias); X rows ldx apart, Y rows ldy apart
+// ---------------------------------------------------------------------------------------------
+constexpr int kSmallM = 4;  // up to this many rows: stream the weights once, no packing
+
+// One element of a weight in any format: W[kk, nn] (tests and tails only; never in hot loops).
+inline float weight_at(const em_weight &w, int kk, int nn) {
+    switch (w.fmt) {
+    case EM_F32_KN: return static_cast<const float *>(w.data)[(long)kk * w.n + nn];
+    case EM_F16_KN: return half_to_float(static_cast<const uint16_t *>(w.data)[(long)kk * w.n + nn]);
+    case EM_F32_NK: return static_cast<const float *>(w.data)[(long)nn * w.k + kk];
+    case EM_F16_NK: return half_to_float(static_cast<const uint16_t *>(w.data)[(long)nn * w.k + kk]);
+    default: break;
+    }
+    int nb = (w.k + w.block - 1) / w.block, bi = kk / w.block, j = kk % w.block;
+    float s = w.scales[(long)nn * nb + bi];
+    const uint8_t *row = static_cast<const uint8_t *>(w.data) + ((long)nn * nb + bi) * (w.block * (w.fmt == EM_Q8_NK ? 8 : 4) / 8);
+    if (w.fmt == EM_Q8_NK) return ((int)row[j] - 128) * s;
+    int q = (row[j / 2] >> ((j & 1) * 4)) & 0xF;
+    return (q - 8) * s;
+}
+
+// Row nn of an NK weight, dequantized to float32 (k values): embedding lookup and panel packing.
+void dequant_row(const em_weight &w, int nn, float *out) {
+    const int k = w.k;
+    if (w.fmt == EM_F32_NK) {
+        std::memcpy(out, static_cast<const float *>(w.data) + (long)nn * k, sizeof(float) * k);
+        return;
+    }
+    if (w.fmt == EM_F16_NK) {
+        const uint16_t *r = static_cast<const uint16_t *>(w.data) + (long)nn * k;
+        for (int i = 0; i < k; i++) out[i] = half_to_float(r[i]);
+        return;
+    }
+    const int bs = w.block, nb = (k + bs - 1) / bs, bytes = bs * (w.fmt == EM_Q8_NK ? 8 : 4) / 8;
+    const uint8_t *codes = static_cast<const uint8_t *>(w.data) + (long)nn * nb * bytes;
+    const float *sc = w.scales + (long)nn * nb;
+    for (int i = 0; i < k; i++) {
+        int bi = i / bs, j = i % bs;
+        const uint8_t *blk = codes + (long)bi * bytes;
+        int q = w.fmt == EM_Q8_NK ? (int)blk[j] - 128 : (int)((blk[j / 2] >> ((j & 1) * 4)) & 0xF) - 8;
+        out[i] = q * sc[bi];
+    }
+}
+
+#ifdef EM_AVX2
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+#endif
+
+inline float weight_value(float v) { return v; }
+inline float weight_value(uint16_t v) { return half_to_float(v); }
+
+// KN (k, n) float weights, M <= 4 rows: the partial product of weight rows [k0, k1) into Y's
+// columns [n0, n1); eight weight rows per pass, so each Y chunk is read and written once per eight
+// rows of W. Threads take row ranges: each streams one contiguous stretch of W.
+template <class T, int M>
+void small_kn(const T *W, int k0, int k, int n, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+    for (int m = 0; m < M; m++) std::fill(Y + (long)m * ldy + n0, Y + (long)m * ldy + n1, 0.f);
+    int kk = k0;
+#ifdef EM_AVX2
+    constexpr int R = 8;
+    const int nv = n0 + (n1 - n0) / 8 * 8;
+    for (; kk + R <= k; kk += R) {
+        const T *w0 = W + (long)kk * n;
+        __m256 a[M][R];
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < R; j++) a[m][j] = _mm256_set1_ps(X[(long)m * ldx + kk + j]);
+        for (int c = n0; c < nv; c += 8) {
+            __m256 v[R];
+            for (int j = 0; j < R; j++) v[j] = load8(w0 + (long)j * n + c);
+            for (int m = 0; m < M; m++) {
+                float *y = Y + (long)m * ldy + c;
+                __m256 s0 = _mm256_mul_ps(a[m][0], v[0]), s1 = _mm256_mul_ps(a[m][1], v[1]);
+                for (int j = 2; j < R; j += 2) {
+                    s0 = _mm256_fmadd_ps(a[m][j], v[j], s0);
+                    s1 = _mm256_fmadd_ps(a[m][j + 1], v[j + 1], s1);
+                }
+                _mm256_storeu_ps(y, _mm256_add_ps(_mm256_loadu_ps(y), _mm256_add_ps(s0, s1)));
+            }
+        }
+        for (int c = nv; c < n1; c++)
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < R; j++)
+                    Y[(long)m * ldy + c] += X[(long)m * ldx + kk + j] * weight_value(W[(long)(kk + j) * n + c]);
+    }
+#endif
+    for (; kk < k; kk++) {
+        const T *w = W + (long)kk * n;
+        for (int m = 0; m < M; m++) {
+            const float a = X[(long)m * ldx + kk];
+            float *y = Y + (long)m * ldy;
+            for (int c = n0; c < n1; c++) y[c] += a * weight_value(w[c]);
+        }
+    }
+}
+
+// NK float weights, M <= 4 rows: outputs [n0, n1), one dot product per weight row. U independent
+// accumulators per row of X: one FMA chain would wait on its own latency.
+template <class T, int M>
+void small_nk(const T *W, int k, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+    constexpr int U = M == 1 ? 4 : 2;
+    for (int r = n0; r < n1; r++) {
+        const T *w = W + (long)r * k;
+        float acc[M];
+        int kk = 0;
+#ifdef EM_AVX2
+        __m256 v[M][U];
+        for (int m = 0; m < M; m++)
+            for (int u = 0; u < U; u++) v[m][u] = _mm256_setzero_ps();
+        for (; kk + 8 * U <= k; kk += 8 * U)
+            for (int u = 0; u < U; u++) {
+                __m256 wv = load8(w + kk + 8 * u);
+                for (int m = 0; m < M; m++) v[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(X + (long)m * ldx + kk + 8 * u), v[m][u]);
+            }
+        for (; kk + 8 <= k; kk += 8) {
+            __m256 wv = load8(w + kk);
+            for (int m = 0; m < M; m++) v[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(X + (long)m * ldx + kk), v[m][0]);
+        }
+        for (int m = 0; m < M; m++) {
+            for (int u = 1; u < U; u++) v[m][0] = _mm256_add_ps(v[m][0], v[m][u]);
+            acc[m] = hsum(v[m][0]);
+        }
+#else
+        for (int m = 0; m < M; m++) acc[m] = 0.f;
+#endif
+        for (; kk < k; kk++)
+            for (int m = 0; m < M; m++) acc[m] += weight_value(w[kk]) * X[(long)m * ldx + kk];
+        for (int m = 0; m < M; m++) Y[(long)m * ldy + r] = acc[m];
+    }
+}
+
+// MatMulNBits weights (q8 / q4), M <= 4 rows: outputs [n0, n1). Activations stay float32.
+template <int BITS, int M>
+void small_q(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+    const int k = w.k, bs = w.block, nb = (k + bs - 1) / bs, bytes = bs * BITS / 8;
+    const uint8_t *codes = static_cast<const uint8_t *>(w.data);
+    constexpr int U = M == 1 ? 4 : 2;  // independent FMA chains per row of X
+#ifdef EM_AVX2
+    // The vector loop multiplies raw codes c and removes the zero point z once per block:
+    // sum_j (c_j - z) x_j = sum_j c_j x_j - z sum_j x_j, with the x sums over the vector part here.
+    const float zero = BITS == 8 ? 128.f : 8.f;
+    thread_local std::vector<float> xsum_buf;
+    xsum_buf.assign((size_t)M * nb, 0.f);
+    float *xsum = xsum_buf.data();
+    for (int m = 0; m < M; m++)
+        for (int bi = 0; bi < nb; bi++) {
+            const int base = bi * bs, len = std::min(bs, k - base) / 32 * 32;
+            float t = 0.f;
+            for (int j = 0; j < len; j++) t += X[(long)m * ldx + base + j];
+            xsum[(long)m * nb + bi] = t;
+        }
+#endif
+    for (int r = n0; r < n1; r++) {
+        const uint8_t *row = codes + (long)r * nb * bytes;
+        const float *sc = w.scales + (long)r * nb;
+        float acc[M] = {};
+#ifdef EM_AVX2
+        __m256 tot[M];
+        for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
+#endif
+        for (int bi = 0; bi < nb; bi++) {
+            const uint8_t *blk = row + (long)bi * bytes;
+            const int base = bi * bs, len = std::min(bs, k - base);
+            int j = 0;
+#ifdef EM_AVX2
+            __m256 part[M][U];
+            for (int m = 0; m < M; m++)
+                for (int u = 0; u < U; u++) part[m][u] = _mm256_setzero_ps();
+            for (; j + 32 <= len; j += 32) {
+                __m256 wq[4];  // 32 codes as floats, zero point not yet removed (see xsum below)
+                if (BITS == 8) {
+                    for (int s = 0; s < 4; s++)
+                        wq[s] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + j + 8 * s))));
+                } else {
+                    __m128i c = _mm_loadu_si128((const __m128i *)(blk + j / 2)), mask = _mm_set1_epi8(0x0F);
+                    __m128i lo = _mm_and_si128(c, mask), hi = _mm_and_si128(_mm_srli_epi16(c, 4), mask);
+                    __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);
+                    wq[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e0));
+                    wq[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e0, 8)));
+                    wq[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e1));
+                    wq[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8)));
+                }
+                for (int s = 0; s < 4; s++)
+                    for (int m = 0; m < M; m++)
+                        part[m][s % U] = _mm256_fmadd_ps(wq[s], _mm256_loadu_ps(X + (long)m * ldx + base + j + 8 * s), part[m][s % U]);
+            }
+            __m256 scale = _mm256_set1_ps(sc[bi]);
+            for (int m = 0; m < M; m++) {
+                for (int u = 1; u < U; u++) part[m][0] = _mm256_add_ps(part[m][0], part[m][u]);
+                tot[m] = _mm256_fmadd_ps(scale, part[m][0], tot[m]);
+                acc[m] -= sc[bi] * zero * xsum[(long)m * nb + bi];
+            }
+#endif
+            for (; j < len; j++) {  // tails (and every element without AVX2)
+                int q = BITS == 8 ? (int)blk[j] - 128 : (int)((blk[j / 2] >> ((j & 1) * 4)) & 0xF) - 8;
+                float wv = q * sc[bi];
+                for (int m = 0; m < M; m++) acc[m] += wv * X[(long)m * ldx + base + j];
+            }
+        }
+#ifdef EM_AVX2
+        for (int m = 0; m < M; m++) acc[m] += hsum(tot[m]);
+#endif
+        for (int m = 0; m < M; m++) Y[(long)m * ldy + r] = acc[m];
+    }
+}
+
+// NK formats: outputs [n0, n1). KN formats: the partial sum over weight rows [n0, n1), all outputs.
+template <int M>
+void small_linear(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+    switch (w.fmt) {
+    case EM_F32_KN: return small_kn<float, M>((const float *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
+    case EM_F16_KN: return small_kn<uint16_t, M>((const uint16_t *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
+    case EM_F32_NK: return small_nk<float, M>((const float *)w.data, w.k, X, ldx, Y, ldy, n0, n1);
+    case EM_F16_NK: return small_nk<uint16_t, M>((const uint16_t *)w.data, w.k, X, ldx, Y, ldy, n0, n1);
+    case EM_Q8_NK: return small_q<8, M>(w, X, ldx, Y, ldy, n0, n1);
+    case EM_Q4_NK: return small_q<4, M>(w, X, ldx, Y, ldy, n0, n1);
+    }
+}
+
+// Columns [n0, n0 + nb) of W as a float32 panel (k, nbp), nbp = nb rounded up to 16, zero-padded.
+void pack_panel(const em_weight &w, int n0, int nb, int nbp, float *panel, float *rowbuf) {
+    const int k = w.k;
+    if (w.fmt == EM_F32_KN || w.fmt == EM_F16_KN) {
+        for (int kk = 0; kk < k; kk++) {
+            float *p = panel + (long)kk * nbp;
+            if (w.fmt == EM_F32_KN) {
+                std::memcpy(p, (const float *)w.data + (long)kk * w.n + n0, sizeof(float) * nb);
+            } else {
+                const uint16_t *s = (const uint16_t *)w.data + (long)kk * w.n + n0;
+                for (int j = 0; j < nb; j++) p[j] = half_to_float(s[j]);
+            }
+            std::fill(p + nb, p + nbp, 0.f);
+        }
+        return;
+    }
+    for (int j = 0; j < nbp; j++) {
+        if (j < nb) dequant_row(w, n0 + j, rowbuf);
+        for (int kk = 0; kk < k; kk++) panel[(long)kk * nbp + j] = j < nb ? rowbuf[kk] : 0.f;
+    }
+}
+
+// Y[0:R, 0:16] = X[0:R, :] · P[:, 0:16] (P rows ldp apart): R rows x 16 columns of accumulators.
+template <int R>
+void micro(const float *X, int ldx, const float *P, int ldp, int k, float *out /* R x 16 */) {
+#ifdef EM_AVX2
+    __m256 c[R][2];
+    for (int r = 0; r < R; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    for (int kk = 0; kk < k; kk++) {
+        __m256 b0 = _mm256_loadu_ps(P + (long)kk * ldp), b1 = _mm256_loadu_ps(P + (long)kk * ldp + 8);
+        for (int r = 0; r < R; r++) {
+            __m256 a = _mm256_broadcast_ss(X + (long)r * ldx + kk);
+            c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+            c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out + r * 16, c[r][0]);
+        _mm256_storeu_ps(out + r * 16 + 8, c[r][1]);
+    }
+#else
+    float c[R][16] = {};
+    for (int kk = 0; kk < k; kk++)
+        for (int r = 0; r < R; r++) {
+            const float a = X[(long)r * ldx + kk];
+            for (int j = 0; j < 16; j++) c[r][j] += a * P[(long)kk * ldp + j];
+        }
+    std::memcpy(out, c, sizeof(c));
+#endif
+}
+
+constexpr int kTileM = 6;
+
+template <int R>
+void tile_rows(const float *X, int ldx, const float *panel, int nbp, int k, float *Y, int ldy, int n0, int nb) {
+    alignas(32) float out[R * 16];
+    for (int j = 0; j < nbp; j += 16) {
+        micro<R>(X, ldx, panel + j, nbp, k, out);
+        const int w = std::min(16, nb - j);
+        for (int r = 0; r < R; r++) std::memcpy(Y + (long)r * ldy + n0 + j, out + r * 16, sizeof(float) * w);
+    }
+}
+
+void panel_rows(const float *X, int ldx, int m, const float *panel, int nbp, int k, float *Y, int ldy, int n0, int nb) {
+    int r = 0;
+    for (; r + kTileM <= m; r += kTileM) tile_rows<kTileM>(X + (long)r * ldx, ldx, panel, nbp, k, Y + (long)r * ldy, ldy, n0, nb);
+    const float *x = X + (long)r * ldx;
+    float *y = Y + (long)r * ldy;
+    switch (m - r) {
+    case 5: tile_rows<5>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
+    case 4: tile_rows<4>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
+    case 3: tile_rows<3>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
+    case 2: tile_rows<2>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
+    case 1: tile_rows<1>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
+    }
+}
+
+struct Scratch {  // per thread: a packed panel and a row buffer
+    std::vector<float> panel, row;
+};
+
+// Columns per panel: the panel (k x nb floats) stays within ~256 KiB, in L2 while the rows reuse it.
+inline int panel_cols(int k) { return std::max(16, std::min(128, (65536 / std::max(k, 1)) / 16 * 16)); }
+
+void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const float *X, int ldx, int m, float *Y,
+            int ldy, const float *bias) {
+    const bool kn = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN;
+    auto job = [&](int tid, int nth) {
+        int n0, n1;
+        if (m <= kSmallM) {
+            // KN: split the weight rows, each thread's partial sums in its scratch, added up below.
+            float *out = kn ? scratch[tid].panel.data() : Y;
+            const int ldo = kn ? w.n : ldy;
+            split(kn ? w.k : w.n, kn ? 8 : 1, tid, nth, &n0, &n1);
+            if (kn && n0 >= n1) std::fill(out, out + (long)m * w.n, 0.f);
+            if (n0 < n1) {
+                switch (m) {
+                case 1: small_linear<1>(w, X, ldx, out, ldo, n0, n1); break;
+                case 2: small_linear<2>(w, X, ldx, out, ldo, n0, n1); break;
+                case 3: small_linear<3>(w, X, ldx, out, ldo, n0, n1); break;
+                default: small_linear<4>(w, X, ldx, out, ldo, n0, n1); break;
+                }
+            }
+            if (kn) return;
+        } else {
+            const int pc = panel_cols(w.k), blocks = (w.n + pc - 1) / pc;
+            int b0, b1;
+            split(blocks, 1, tid, nth, &b0, &b1);
+            Scratch &s = scratch[tid];
+            for (int b = b0; b < b1; b++) {
+                const int c0 = b * pc, nb = std::min(pc, w.n - c0), nbp = (nb + 15) / 16 * 16;
+                pack_panel(w, c0, nb, nbp, s.panel.data(), s.row.data());
+                panel_rows(X, ldx, m, s.panel.data(), nbp, w.k, Y, ldy, c0, nb);
+            }
+            n0 = std::min(w.n, b0 * pc), n1 = std::min(w.n, b1 * pc);
+        }
+        if (bias)
+            for (int r = 0; r < m; r++)
+                for (int c = n0; c < n1; c++) Y[(long)r * ldy + c] += bias[c];
+    };
+    parallel(pool, job);
+    if (kn && m <= kSmallM) {  // Y = the threads' partial sums (+ bias), a few thousand adds
+        const int nth = pool.n;
+        for (int r = 0; r < m; r++) {
+            float *y = Y + (long)r * ldy;
+            const float *p0 = scratch[0].panel.data() + (long)r * w.n;
+            for (int c = 0; c < w.n; c++) y[c] = p0[c] + (bias ? bias[c] : 0.f);
+            for (int t = 1; t < nth; t++) {
+                const float *pt = scratch[t].panel.data() + (long)r * w.n;
+                for (int c = 0; c < w.n; c++) y[c] += pt[c];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the model
+// ---------------------------------------------------------------------------------------------
+void rms_norm(const float *x, const float *weight, float eps, int d, float *out) {
+    float ss = 0.f;
+    for (int i = 0; i < d; i++) ss += x[i] * x[i];
+    const float inv = 1.f / std::sqrt(ss / d + eps);
+    if (weight)
+        for (int i = 0; i < d; i++) out[i] = x[i] * inv * weight[i];
+    else
+        for (int i = 0; i < d; i++) out[i] = x[i] * inv;
+}
+
+struct Layer {
+    em_layer w;
+    std::vector<float> conv_wt;  // (d_conv, conv_dim): the kernel transposed, channels contiguous
+};
+
+}  // namespace
+
+struct em_model {
+    em_config c;
+    em_weight embedding, head;
+    const float *norm_f;
+    std::vector<Layer> layers;
+    int max_rows, conv_dim, in_dim, xdbl_dim;
+    Pool pool;
+    std::vector<Scratch> scratch;
+    std::vector<float> h, hn, proj, xc, xdbl, dt, y, out;  // (max_rows, width) activations
+
+    em_model(int n_threads) : pool(n_threads) {}
+
+    // ---- one layer over `rows` rows: sequences of `per_seq` consecutive rows each ---------------
+    void mixer(int li, int rows, int per_seq, float *const *conv, float *const *ssm);
+    void conv_rows(int li, int rows, int per_seq, float *const *conv);
+    void scan1(int li, int rows, int per_seq, float *const *ssm);
+    void scan2(int li, int rows, int per_seq, float *const *ssm);
+    void forward(const int64_t *ids, int rows, int per_seq, float *const *conv, float *const *ssm, float *logits,
+                 int first_logit_row);
+};
+
+void em_model::conv_rows(int li, int rows, int per_seq, float *const *conv) {
+    // conv[s]: sequence s's state (conv_dim, d_conv-1). x: the conv channels of proj; out: xc.
+    const Layer &L = layers[li];
+    const int C = conv_dim, K = c.d_conv, x_off = c.arch == 1 ? 0 : c.d_inner;
+    auto job = [&](int tid, int nth) {
+        int c0, c1;
+        split(C, 16, tid, nth, &c0, &c1);
+        if (c0 >= c1) return;
+        std::vector<float> win((size_t)(K - 1 + per_seq) * (c1 - c0));  // (time, channel) window
+        const int wc = c1 - c0;
+        for (int s = 0; s < rows / per_seq; s++) {
+            float *st = conv[s];
+            for (int j = 0; j < K - 1; j++)
+                for (int ch = c0; ch < c1; ch++) win[(size_t)j * wc + ch - c0] = st[(long)ch * (K - 1) + j];
+            for (int t = 0; t < per_seq; t++) {
+                const float *x = proj.data() + (long)(s * per_seq + t) * in_dim + x_off;
+                std::memcpy(&win[(size_t)(K - 1 + t) * wc], x + c0, sizeof(float) * wc);
+            }
+            for (int t = 0; t < per_seq; t++) {
+                float *o = xc.data() + (long)(s * per_seq + t) * C;
+                for (int ch = c0; ch < c1; ch++) o[ch] = L.w.conv_b ? L.w.conv_b[ch] : 0.f;
+                for (int j = 0; j < K; j++) {
+                    const float *wj = L.conv_wt.data() + (long)j * C;
+                    const float *xj = &win[(size_t)(t + j) * wc];
+                    for (int ch = c0; ch < c1; ch++) o[ch] += wj[ch] * xj[ch - c0];
+                }
+                for (int ch = c0; ch < c1; ch++) o[ch] = em_silu(o[ch]);
+            }
+            for (int j = 0; j < K - 1; j++)  // the new state: the last K-1 inputs
+                for (int ch = c0; ch < c1; ch++) st[(long)ch * (K - 1) + j] = win[(size_t)(per_seq + j) * wc + ch - c0];
+        }
+    };
+    parallel(pool, job);
+}
+
+void em_model::scan1(int li, int rows, int per_seq, float *const *ssm) {
+    const Layer &L = layers[li];
+    const int e = c.d_inner, n = c.d_state, r = c.dt_rank, xd = xdbl_dim;
+    auto job = [&](int tid, int nth) {
+        int d0, d1;
+        split(e, 8, tid, nth, &d0, &d1);
+        for (int s = 0; s < rows / per_seq; s++) {
+            for (int d = d0; d < d1; d++) {
+                float *hs = ssm[s] + (long)d * n;
+                const float *A = L.w.A + (long)d * n;
+                for (int t = 0; t < per_seq; t++) {
+                    const int row = s * per_seq + t;
+                    const float dtv = dt[(long)row * e + d], xv = xc[(long)row * e + d];
+                    const float *B = xdbl.data() + (long)row * xd + r, *Cc = B + n;
+                    const float dx = dtv * xv;
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int i = 0; i < n; i++) {
+                        float hv = hs[i] * em_exp(dtv * A[i]) + dx * B[i];
+                        hs[i] = hv;
+                        acc += hv * Cc[i];
+                    }
+                    const float z = proj[(long)row * in_dim + e + d];
+                    y[(long)row * e + d] = (acc + L.w.D[d] * xv) * em_silu(z);
+                }
+            }
+        }
+    };
+    parallel(pool, job);
+}
+
+void em_model::scan2(int li, int rows, int per_seq, float *const *ssm) {
+    const Layer &L = layers[li];
+    const int e = c.d_inner, n = c.d_state, nh = c.n_heads, hd = c.head_dim, G = c.n_groups, hpg = nh / G;
+    auto job = [&](int tid, int nth) {
+        int h0, h1;
+        split(nh, 1, tid, nth, &h0, &h1);
+        for (int s = 0; s < rows / per_seq; s++) {
+            for (int hh = h0; hh < h1; hh++) {
+                const int g = hh / hpg;
+                for (int t = 0; t < per_seq; t++) {
+                    const int row = s * per_seq + t;
+                    const float dtv = dt[(long)row * nh + hh], dA = em_exp(dtv * L.w.A[hh]);
+                    const float *x = xc.data() + (long)row * conv_dim;
+                    const float *B = x + e + (long)g * n, *Cc = x + e + (long)G * n + (long)g * n;
+                    for (int p = 0; p < hd; p++) {
+                        const int ch = hh * hd + p;
+                        float *hs = ssm[s] + (long)ch * n;
+                        const float dx = dtv * x[ch];
+                        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                        for (int i = 0; i < n; i++) {
+                            float hv = hs[i] * dA + dx * B[i];
+                            hs[i] = hv;
+                            acc += hv * Cc[i];
+                        }
+                        y[(long)row * e + ch] = acc + L.w.D[ch] * x[ch];
+                    }
+                }
+            }
+        }
+    };
+    parallel(pool, job);
+}
+
+void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *const *ssm) {
+    const Layer &L = layers[li];
+    const int e = c.d_inner;
+    linear(pool, scratch, L.w.in_proj, hn.data(), c.d_model, rows, proj.data(), in_dim, L.w.in_proj_b);
+    conv_rows(li, rows, per_seq, conv);
+    if (c.arch == 1) {
+        const int r = c.dt_rank, n = c.d_state;
+        linear(pool, scratch, L.w.x_proj, xc.data(), e, rows, xdbl.data(), xdbl_dim, nullptr);
+        if (c.bcdt_eps > 0)  // Falcon-Mamba: weightless RMSNorm of dt, B and C, each on its own
+            for (int row = 0; row < rows; row++) {
+                float *v = xdbl.data() + (long)row * xdbl_dim;
+                rms_norm(v, nullptr, c.bcdt_eps, r, v);
+                rms_norm(v + r, nullptr, c.bcdt_eps, n, v + r);
+                rms_norm(v + r + n, nullptr, c.bcdt_eps, n, v + r + n);
+            }
+        linear(pool, scratch, L.w.dt_proj, xdbl.data(), xdbl_dim, rows, dt.data(), e, nullptr);
+        for (int row = 0; row < rows; row++) {
+            float *v = dt.data() + (long)row * e;
+            for (int i = 0; i < e; i++) v[i] = std::min(std::max(em_softplus(v[i] + L.w.dt_bias[i]), c.dt_min), c.dt_max);
+        }
+        scan1(li, rows, per_seq, ssm);
+    } else {
+        const int nh = c.n_heads;
+        for (int row = 0; row < rows; row++)
+            for (int hh = 0; hh < nh; hh++) {
+                float v = proj[(long)row * in_dim + e + conv_dim + hh] + L.w.dt_bias[hh];
+                dt[(long)row * nh + hh] = std::min(std::max(em_softplus(v), c.dt_min), c.dt_max);
+            }
+        scan2(li, rows, per_seq, ssm);
+        const int G = c.n_groups, gs = e / G;  // gated RMSNorm, per group
+        for (int row = 0; row < rows; row++) {
+            float *yr = y.data() + (long)row * e;
+            const float *z = proj.data() + (long)row * in_dim;
+            if (!c.norm_before_gate)
+                for (int i = 0; i < e; i++) yr[i] *= em_silu(z[i]);
+            for (int g = 0; g < G; g++) rms_norm(yr + (long)g * gs, L.w.gate_norm + (long)g * gs, c.norm_eps, gs, yr + (long)g * gs);
+            if (c.norm_before_gate)
+                for (int i = 0; i < e; i++) yr[i] *= em_silu(z[i]);
+        }
+    }
+    linear(pool, scratch, L.w.out_proj, y.data(), e, rows, out.data(), c.d_model, L.w.out_proj_b);
+}
+
+void em_model::forward(const int64_t *ids, int rows, int per_seq, float *const *conv, float *const *ssm, float *logits,
+                       int first_logit_row) {
+    const int d = c.d_model;
+    for (int r = 0; r < rows; r++) dequant_row(embedding, (int)ids[r], h.data() + (long)r * d);
+    const int seqs = rows / per_seq;
+    std::vector<float *> cv(seqs), sv(seqs);
+    const long conv_size = (long)conv_dim * (c.d_conv - 1), ssm_size = (long)c.d_inner * c.d_state;
+    for (int li = 0; li < c.n_layer; li++) {
+        for (int s = 0; s < seqs; s++) cv[s] = conv[li] + s * conv_size, sv[s] = ssm[li] + s * ssm_size;
+        for (int r = 0; r < rows; r++) rms_norm(h.data() + (long)r * d, layers[li].w.norm, c.norm_eps, d, hn.data() + (long)r * d);
+        mixer(li, rows, per_seq, cv.data(), sv.data());
+        for (long i = 0; i < (long)rows * d; i++) h[i] += out[i];
+    }
+    if (!logits) return;
+    const int lr = rows - first_logit_row;
+    for (int r = first_logit_row; r < rows; r++) rms_norm(h.data() + (long)r * d, norm_f, c.norm_eps, d, hn.data() + (long)(r - first_logit_row) * d);
+    for (int r0 = 0; r0 < lr; r0 += kSmallM)  // the head: at most a batch of rows, streamed
+        linear(pool, scratch, head, hn.data() + (long)r0 * d, d, std::min(kSmallM, lr - r0), logits + (long)r0 * c.vocab, c.vocab, nullptr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// C API
+// ---------------------------------------------------------------------------------------------
+namespace {
+bool check_weight(const em_weight &w, int k, int n, bool nk_only, const char *name, char *err, int err_len) {
+    bool fmt_ok = w.fmt == EM_F32_NK || w.fmt == EM_F16_NK || w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK ||
+                  (!nk_only && (w.fmt == EM_F32_KN || w.fmt == EM_F16_KN));
+    const char *why = nullptr;
+    if (!w.data) why = "no data";
+    else if (!fmt_ok) why = "unsupported format";
+    else if (w.k != k || w.n != n) why = "wrong shape";
+    else if ((w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK) && (!w.scales || w.block < 32 || w.block % 32)) why = "bad block size or scales";
+    if (why) std::snprintf(err, err_len, "%s: %s (format %d, k %d, n %d; expected k %d, n %d)", name, why, w.fmt, w.k, w.n, k, n);
+    return !why;
+}
+}  // namespace
+
+extern "C" {
+
+const char *em_isa(void) {
+#ifdef EM_AVX2
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
+em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_weight *head, const float *norm_f,
+                    const em_layer *layers, int n_threads, int max_rows, char *err, int err_len) {
+    const em_config &c = *cfg;
+    if (c.arch != 1 && c.arch != 2) return std::snprintf(err, err_len, "arch must be 1 or 2"), nullptr;
+    if (c.d_model <= 0 || c.n_layer <= 0 || c.d_inner <= 0 || c.d_state <= 0 || c.d_conv < 2 || max_rows < 1)
+        return std::snprintf(err, err_len, "bad sizes in the model description"), nullptr;
+    if (c.arch == 2 && (c.n_heads <= 0 || c.head_dim * c.n_heads != c.d_inner || c.n_groups <= 0 || c.n_heads % c.n_groups))
+        return std::snprintf(err, err_len, "bad Mamba-2 head sizes"), nullptr;
+    if (!check_weight(*embedding, c.d_model, c.vocab, true, "embedding", err, err_len)) return nullptr;
+    if (!check_weight(*head, c.d_model, c.vocab, true, "lm_head", err, err_len)) return nullptr;
+    const int conv_dim = c.arch == 1 ? c.d_inner : c.d_inner + 2 * c.n_groups * c.d_state;
+    const int in_dim = c.arch == 1 ? 2 * c.d_inner : c.d_inner + conv_dim + c.n_heads;
+    const int xdbl_dim = c.arch == 1 ? c.dt_rank + 2 * c.d_state : 0;
+    char name[64];
+    for (int i = 0; i < c.n_layer; i++) {
+        const em_layer &L = layers[i];
+        std::snprintf(name, sizeof name, "layers.%d.in_proj", i);
+        if (!check_weight(L.in_proj, c.d_model, in_dim, false, name, err, err_len)) return nullptr;
+        std::snprintf(name, sizeof name, "layers.%d.out_proj", i);
+        if (!check_weight(L.out_proj, c.d_inner, c.d_model, false, name, err, err_len)) return nullptr;
+        if (c.arch == 1) {
+            std::snprintf(name, sizeof name, "layers.%d.x_proj", i);
+            if (!check_weight(L.x_proj, c.d_inner, xdbl_dim, false, name, err, err_len)) return nullptr;
+            std::snprintf(name, sizeof name, "layers.%d.dt_proj", i);
+            if (!check_weight(L.dt_proj, c.dt_rank, c.d_inner, false, name, err, err_len)) return nullptr;
+        }
+        if (!L.norm || !L.conv_w || !L.dt_bias || !L.A || !L.D || (c.arch == 2 && !L.gate_norm))
+            return std::snprintf(err, err_len, "layers.%d: a required tensor is missing", i), nullptr;
+    }
+    em_model *m = new em_model(n_threads);
+    m->c = c;
+    m->embedding = *embedding;
+    m->head = *head;
+    m->norm_f = norm_f;
+    m->max_rows = max_rows;
+    m->conv_dim = conv_dim;
+    m->in_dim = in_dim;
+    m->xdbl_dim = xdbl_dim;
+    for (int i = 0; i < c.n_layer; i++) {
+        Layer L{layers[i], std::vector<float>((size_t)c.d_conv * conv_dim)};
+        for (int ch = 0; ch < conv_dim; ch++)
+            for (int j = 0; j < c.d_conv; j++) L.conv_wt[(size_t)j * conv_dim + ch] = layers[i].conv_w[(long)ch * c.d_conv + j];
+        m->layers.push_back(std::move(L));
+    }
+    int kmax = std::max(c.d_model, c.d_inner);
+    m->scratch.resize(m->pool.n);
+    for (auto &s : m->scratch) {
+        // a panel (prefill) or a thread's partial sums of a KN layer's outputs (decode)
+        const int widest = std::max(in_dim, std::max(c.d_inner, c.d_model));
+        s.panel.resize(std::max((size_t)kmax * 128, (size_t)kSmallM * widest) + 64);
+        s.row.resize(kmax + 64);
+    }
+    const long R = max_rows;
+    m->h.resize(R * c.d_model);
+    m->hn.resize(R * c.d_model);
+    m->out.resize(R * c.d_model);
+    m->proj.resize(R * in_dim);
+    m->xc.resize(R * conv_dim);
+    m->xdbl.resize(R * std::max(xdbl_dim, 1));
+    m->dt.resize(R * (c.arch == 1 ? c.d_inner : c.n_heads));
+    m->y.resize(R * c.d_inner);
+    return m;
+}
+
+void em_destroy(em_model *m) { delete m; }
+
+void em_step(em_model *m, const int64_t *ids, int batch, float *const *conv, float *const *ssm, float *logits) {
+    FlushDenormals ftz;
+    for (int b0 = 0; b0 < batch; b0 += m->max_rows) {  // batches larger than the buffers, in slices
+        const int nb = std::min(m->max_rows, batch - b0);
+        std::vector<float *> cv(m->c.n_layer), sv(m->c.n_layer);
+        const long conv_size = (long)m->conv_dim * (m->c.d_conv - 1), ssm_size = (long)m->c.d_inner * m->c.d_state;
+        for (int i = 0; i < m->c.n_layer; i++) cv[i] = conv[i] + b0 * conv_size, sv[i] = ssm[i] + b0 * ssm_size;
+        m->forward(ids + b0, nb, 1, cv.data(), sv.data(), logits + (long)b0 * m->c.vocab, 0);
+    }
+}
+
+void em_prefill(em_model *m, const int64_t *ids, int t, float *const *conv, float *const *ssm, float *logits) {
+    FlushDenormals ftz;
+    for (int t0 = 0; t0 < t; t0 += m->max_rows) {
+        const int n = std::min(m->max_rows, t - t0);
+        const bool last = t0 + n == t;
+        m->forward(ids + t0, n, n, conv, ssm, last ? logits : nullptr, n - 1);
+    }
+}
+
+}  // extern "C"

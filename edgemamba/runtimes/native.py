@@ -1,0 +1,309 @@
+"""Native CPU engine for ort-cpu artifacts: the default way to run them where it supports them.
+
+It reads the artifact's own weights.bin in place (the formats the ONNX graphs store: float32 and
+float16 matrices, ONNX Runtime's MatMulNBits int8/int4 blocks) and runs the decode step and
+prefill in C++ (`edgemamba/kernels/cpu/emcpu.cc`, built with the package). The ONNX graphs stay the
+portable description: the same artifact runs on ONNX Runtime (`engine="ort"`), and the tests hold
+the two engines and the NumPy reference to the same logits.
+
+Where it does not apply (w8a8's QDQ graphs, a float16 state, a CPU without AVX2/FMA/F16C, a build
+without the library), `engine="auto"` falls back to ONNX Runtime and says why in `fallback_reason`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgemamba.artifact import WEIGHTS_FILE, Artifact
+from edgemamba.errors import EdgeMambaError
+
+NATIVE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+F32_KN, F16_KN, F32_NK, F16_NK, Q8_NK, Q4_NK = range(1, 7)
+_QUANT = re.compile(r"^(?P<base>.+)\.q(?P<bits>[48])b(?P<block>\d+)$")
+
+
+class NativeUnavailable(Exception):
+    """The native engine cannot run this artifact here (the reason is the message)."""
+
+
+# ---- the C ABI (edgemamba/kernels/cpu/emcpu.h) ---------------------------------------------------
+class Weight(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("fmt", ctypes.c_int32),
+                ("k", ctypes.c_int32), ("n", ctypes.c_int32), ("block", ctypes.c_int32)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "arch", "d_model", "n_layer", "vocab", "d_inner", "d_state", "d_conv", "dt_rank", "n_heads", "head_dim",
+        "n_groups", "norm_before_gate")] + [(name, ctypes.c_float) for name in ("norm_eps", "dt_min", "dt_max", "bcdt_eps")]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "norm", "conv_w", "conv_b", "in_proj_b", "out_proj_b", "dt_bias", "A", "D", "gate_norm")] + [
+        (name, Weight) for name in ("in_proj", "x_proj", "dt_proj", "out_proj")]
+
+
+_lib = None
+
+
+def library_path() -> Path | None:
+    here = Path(__file__).resolve().parent.parent / "kernels" / "cpu"
+    override = os.environ.get("EDGEMAMBA_NATIVE_LIB")
+    if override:
+        return Path(override)
+    found = sorted(here.glob("libemcpu*.so"))
+    return found[0] if found else None
+
+
+def load_library() -> ctypes.CDLL:
+    """The engine's shared library, checked against this CPU; NativeUnavailable says why not."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    path = library_path()
+    if path is None:
+        raise NativeUnavailable("the native CPU engine was not built (no C++ compiler at install?)")
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        missing = [f for f in ("avx2", "fma", "f16c") if flags is not None and f not in flags]
+        if missing:
+            raise NativeUnavailable(f"this CPU lacks {', '.join(missing)}, which the native engine's x86 build uses")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeUnavailable(f"cannot load {path.name} ({e})") from None
+    lib.em_create.restype = ctypes.c_void_p
+    lib.em_create.argtypes = [ctypes.POINTER(Config), ctypes.POINTER(Weight), ctypes.POINTER(Weight), ctypes.c_void_p,
+                              ctypes.POINTER(Layer), ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.em_destroy.argtypes = [ctypes.c_void_p]
+    ptrs = ctypes.POINTER(ctypes.c_void_p)
+    lib.em_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ptrs, ptrs, ctypes.c_void_p]
+    lib.em_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ptrs, ptrs, ctypes.c_void_p]
+    lib.em_isa.restype = ctypes.c_char_p
+    _lib = lib
+    return lib
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None  # unknown: trust the build
+
+
+# ---- the artifact's weights, by role ---------------------------------------------------------------
+class WeightIndex:
+    """Where each initializer of the step graph lives in weights.bin, and which tensor each linear
+    layer and the embedding lookup use (read from the graph's nodes, not guessed from names)."""
+
+    def __init__(self, artifact: Artifact, weights: np.ndarray):
+        import onnx
+
+        graph = onnx.load(str(artifact.file("step")), load_external_data=False).graph
+        self.weights = weights
+        self.inits = {}
+        for init in graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            if info.get("location") != WEIGHTS_FILE:
+                raise EdgeMambaError(f"{artifact.file('step')}: initializer {init.name!r} points outside {WEIGHTS_FILE}")
+            offset, length = int(info["offset"]), int(info["length"])
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+            dims = tuple(int(d) for d in init.dims)
+            if offset < 0 or offset + length > weights.size or length != dtype.itemsize * int(np.prod(dims, dtype=object)):
+                raise EdgeMambaError(f"{artifact.file('step')}: initializer {init.name!r} does not fit {WEIGHTS_FILE}")
+            self.inits[init.name] = (offset, dtype, dims)
+        self.linear: dict[str, str] = {}  # base name (export_weights') -> tensor the graph multiplies by
+        self.gather: str | None = None
+        for node in graph.node:
+            if node.domain not in ("", "com.microsoft") or node.op_type in (
+                    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulIntegerToFloat"):
+                raise NativeUnavailable(f"the graph has {node.domain or 'onnx'}.{node.op_type} nodes (quantized activations)")
+            if node.op_type in ("MatMul", "Gemm", "MatMulNBits") and len(node.input) > 1 and node.input[1] in self.inits:
+                self.linear[_base(node.input[1])] = node.input[1]
+            elif node.op_type == "Gather" and node.input[0] in self.inits and _base(node.input[0]) == "embedding":
+                self.gather = node.input[0]
+
+    def array(self, name: str) -> np.ndarray:
+        offset, dtype, dims = self.inits[name]
+        return self.weights[offset : offset + dtype.itemsize * int(np.prod(dims, dtype=object))].view(dtype).reshape(dims)
+
+    def vector(self, name: str, size: int) -> np.ndarray | None:
+        if name not in self.inits:
+            return None
+        arr = self.array(name)
+        if arr.dtype != np.float32 or arr.size != size:
+            raise NativeUnavailable(f"{name} is {arr.dtype} {arr.shape}, not {size} float32 values")
+        return arr
+
+    def matrix(self, tensor: str, k: int, n: int, table: bool) -> Weight:
+        """A linear layer's weight as the engine sees it; `table`: stored (n, k) (embedding, head)."""
+        arr = self.array(tensor)
+        q = _QUANT.match(tensor)
+        if q:
+            bits, block = int(q["bits"]), int(q["block"])
+            scales = self.array(tensor + ".scales")
+            nb = -(-k // block)
+            if arr.shape != (n, nb, block * bits // 8) or scales.size != n * nb or arr.dtype != np.uint8:
+                raise NativeUnavailable(f"{tensor}: unexpected packed layout {arr.shape}")
+            return Weight(arr.ctypes.data, scales.ctypes.data, Q8_NK if bits == 8 else Q4_NK, k, n, block)
+        if arr.dtype not in (np.float32, np.float16):
+            raise NativeUnavailable(f"{tensor}: {arr.dtype} weights")
+        if arr.shape != ((n, k) if table else (k, n)):
+            raise NativeUnavailable(f"{tensor}: shape {arr.shape}, expected {(n, k) if table else (k, n)}")
+        half = arr.dtype == np.float16
+        fmt = (F16_NK if half else F32_NK) if table else (F16_KN if half else F32_KN)
+        return Weight(arr.ctypes.data, None, fmt, k, n, 0)
+
+    def layer_matrix(self, base: str, k: int, n: int) -> Weight:
+        tensor = self.linear.get(base + ".T")
+        if tensor is None:
+            raise NativeUnavailable(f"no linear layer reads {base}")
+        return self.matrix(tensor, k, n, table=False)
+
+
+def _base(name: str) -> str:
+    q = _QUANT.match(name)
+    if q:
+        return q["base"]
+    for suffix in (".float16", ".bfloat16"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ---- the backend -------------------------------------------------------------------------------------
+class NativeBackend:
+    """Same interface as OrtBackend: `state` (views by name), reset, step, prefill. The state is
+    updated in place, one buffer per tensor."""
+
+    engine = "native"
+
+    def __init__(self, artifact: Artifact, batch: int, threads: int | None = None, max_rows: int = 64):
+        if artifact.target != "ort-cpu" or artifact.precision not in NATIVE_PRECISIONS:
+            raise NativeUnavailable(f"{artifact.target}/{artifact.precision} is not run natively")
+        dtypes = {e["dtype"] for e in artifact.manifest["state"]}
+        if dtypes != {"float32"}:
+            raise NativeUnavailable(f"state dtype {sorted(dtypes)} (the native engine keeps float32 state)")
+        self.lib = load_library()
+        self.spec = s = artifact.spec
+        self.batch = batch
+        if WEIGHTS_FILE not in artifact.manifest["files"]:
+            raise EdgeMambaError(f"{artifact.path}: the manifest lists no {WEIGHTS_FILE!r}")
+        try:
+            self._weights = np.memmap(artifact.path / WEIGHTS_FILE, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise EdgeMambaError(f"{artifact.path / WEIGHTS_FILE}: cannot map the weights ({e})") from None
+        idx = WeightIndex(artifact, self._weights)
+        self._desc = self._describe(idx)  # keeps the ctypes structures alive with the model
+        cfg, emb, head, norm_f, layers = self._desc
+        err = ctypes.create_string_buffer(512)
+        from edgemamba.runtimes import physical_cores
+
+        self.threads = threads or physical_cores()
+        self._model = self.lib.em_create(ctypes.byref(cfg), ctypes.byref(emb), ctypes.byref(head), norm_f,
+                                         layers, self.threads, max(batch, max_rows), err, len(err))
+        if not self._model:
+            raise NativeUnavailable(f"{artifact.path}: {err.value.decode()}")
+        self.state_keys = [f"{kind}_state.{i}" for i in range(s.n_layer) for kind in ("conv", "ssm")]
+        self._state = {}
+        for i in range(s.n_layer):
+            self._state[f"conv_state.{i}"] = np.zeros(s.conv_state_shape(batch), np.float32)
+            self._state[f"ssm_state.{i}"] = np.zeros(s.ssm_state_shape(batch), np.float32)
+        self._conv = self._pointers("conv", 0)
+        self._ssm = self._pointers("ssm", 0)
+        self._logits = np.zeros((batch, s.vocab_size), np.float32)
+        self._ids = np.zeros(batch, np.int64)
+
+    def _describe(self, idx: WeightIndex):
+        s = self.spec
+        if idx.gather is None:
+            raise NativeUnavailable("the step graph has no embedding lookup")
+        emb = idx.matrix(idx.gather, s.d_model, s.vocab_size, table=True)
+        head_base = "embedding" if s.tie_embeddings else "lm_head"
+        if head_base not in idx.linear:
+            raise NativeUnavailable(f"no LM head reads {head_base}")
+        head = idx.matrix(idx.linear[head_base], s.d_model, s.vocab_size, table=True)
+        lo, hi = s.dt_limit
+        cfg = Config(arch=1 if s.arch == "mamba1" else 2, d_model=s.d_model, n_layer=s.n_layer, vocab=s.vocab_size,
+                     d_inner=s.d_inner, d_state=s.d_state, d_conv=s.d_conv, dt_rank=s.dt_rank, n_heads=s.n_heads,
+                     head_dim=s.head_dim, n_groups=s.n_groups, norm_before_gate=int(s.norm_before_gate),
+                     norm_eps=s.norm_eps, dt_min=lo, dt_max=min(hi, 3.0e38),
+                     bcdt_eps=s.bcdt_rms_eps if s.bcdt_rms_eps is not None else 0.0)
+        layers = (Layer * s.n_layer)()
+        self._keep = []  # arrays made here (per-channel D of Mamba-2) that the engine points into
+        e = s.d_inner
+        in_dim = s.in_proj_dim
+        for i in range(s.n_layer):
+            p, L = f"layers.{i}.", layers[i]
+            L.norm = _ptr(idx.vector(p + "norm", s.d_model))
+            L.conv_w = _ptr(idx.vector(p + "conv_weight", s.conv_dim * s.d_conv))
+            L.conv_b = _ptr(idx.vector(p + "conv_bias", s.conv_dim))
+            L.in_proj_b = _ptr(idx.vector(p + "in_proj_bias", in_dim))
+            L.out_proj_b = _ptr(idx.vector(p + "out_proj_bias", s.d_model))
+            if s.arch == "mamba1":
+                L.dt_bias = _ptr(idx.vector(p + "dt_bias", e))
+                L.A = _ptr(idx.vector(p + "A", e * s.d_state))
+                L.D = _ptr(idx.vector(p + "D", e))
+                L.x_proj = idx.layer_matrix(p + "x_proj", e, s.dt_rank + 2 * s.d_state)
+                L.dt_proj = idx.layer_matrix(p + "dt_proj", s.dt_rank, e)
+            else:
+                L.dt_bias = _ptr(idx.vector(p + "dt_bias", s.n_heads))
+                L.A = _ptr(idx.vector(p + "A", s.n_heads))
+                D = idx.array(p + "D")  # per head (fused layout) or repeated per channel
+                if D.size == s.n_heads:
+                    D = np.repeat(D.astype(np.float32), s.head_dim)
+                    self._keep.append(D)
+                L.D = _ptr(idx.vector(p + "D", e) if D.size != e else D)
+                L.gate_norm = _ptr(idx.vector(p + "gate_norm", e))
+            L.in_proj = idx.layer_matrix(p + "in_proj", s.d_model, in_dim)
+            L.out_proj = idx.layer_matrix(p + "out_proj", e, s.d_model)
+        norm_f = idx.vector("norm_f", s.d_model)
+        return cfg, emb, head, _ptr(norm_f), layers
+
+    def _pointers(self, kind: str, row: int):
+        arrs = [self._state[f"{kind}_state.{i}"] for i in range(self.spec.n_layer)]
+        return (ctypes.c_void_p * len(arrs))(*[a.ctypes.data + row * a[0].nbytes for a in arrs])
+
+    def __del__(self):
+        model = getattr(self, "_model", None)
+        if model:
+            self.lib.em_destroy(model)
+            self._model = None
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        return self._state
+
+    def reset(self, rows: slice) -> None:
+        for arr in self._state.values():
+            arr[rows] = 0.0
+
+    # ---- running --------------------------------------------------------------------------------
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        self._ids[:] = ids
+        self.lib.em_step(self._model, self._ids.ctypes.data, self.batch, self._conv, self._ssm, self._logits.ctypes.data)
+        return self._logits
+
+    def prefill(self, ids: np.ndarray, row: int) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        logits = np.empty(self.spec.vocab_size, np.float32)
+        conv, ssm = (self._conv, self._ssm) if row == 0 else (self._pointers("conv", row), self._pointers("ssm", row))
+        self.lib.em_prefill(self._model, ids.ctypes.data, len(ids), conv, ssm, logits.ctypes.data)
+        return logits
+
+
+def _ptr(arr: np.ndarray | None):
+    return None if arr is None else arr.ctypes.data
