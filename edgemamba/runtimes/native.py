@@ -190,7 +190,7 @@ class NativeBackend:
 
     engine = "native"
 
-    def __init__(self, artifact: Artifact, batch: int, threads: int | None = None, max_rows: int = 64):
+    def __init__(self, artifact: Artifact, batch: int, threads: int | None = None, max_rows: int = 128):
         if artifact.target != "ort-cpu" or artifact.precision not in NATIVE_PRECISIONS:
             raise NativeUnavailable(f"{artifact.target}/{artifact.precision} is not run natively")
         dtypes = {e["dtype"] for e in artifact.manifest["state"]}

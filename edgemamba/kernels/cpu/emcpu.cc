@@ -143,6 +143,21 @@ void parallel(Pool &pool, F &f) {
     pool.run([](void *c, int tid, int nth) { (*static_cast<F *>(c))(tid, nth); }, &f);
 }
 
+// f(row) for rows [0, rows): split over the threads when there are enough rows to pay for it.
+template <class F>
+void parallel_rows(Pool &pool, int rows, F f) {
+    if (rows < 4) {
+        for (int r = 0; r < rows; r++) f(r);
+        return;
+    }
+    auto job = [&](int tid, int nth) {
+        int r0, r1;
+        split(rows, 1, tid, nth, &r0, &r1);
+        for (int r = r0; r < r1; r++) f(r);
+    };
+    parallel(pool, job);
+}
+
 // ---------------------------------------------------------------------------------------------
 // math: branch-free float32 functions, so the loops that call them vectorize (x86 and NEON)
 // ---------------------------------------------------------------------------------------------
@@ -219,6 +234,9 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+inline float weight_value(float v) { return v; }
+inline float weight_value(uint16_t v) { return half_to_float(v); }
+
 // ---------------------------------------------------------------------------------------------
 // linear layers: Y (m, n) = X (m, k) · W (+ bias); X rows ldx apart, Y rows ldy apart
 // ---------------------------------------------------------------------------------------------
@@ -256,11 +274,20 @@ void dequant_row(const em_weight &w, int nn, float *out) {
     const int bs = w.block, nb = (k + bs - 1) / bs, bytes = bs * (w.fmt == EM_Q8_NK ? 8 : 4) / 8;
     const uint8_t *codes = static_cast<const uint8_t *>(w.data) + (long)nn * nb * bytes;
     const float *sc = w.scales + (long)nn * nb;
-    for (int i = 0; i < k; i++) {
-        int bi = i / bs, j = i % bs;
-        const uint8_t *blk = codes + (long)bi * bytes;
-        int q = w.fmt == EM_Q8_NK ? (int)blk[j] - 128 : (int)((blk[j / 2] >> ((j & 1) * 4)) & 0xF) - 8;
-        out[i] = q * sc[bi];
+    for (int b = 0; b < nb; b++) {  // block by block: loops without divisions, so they vectorize
+        const uint8_t *blk = codes + (long)b * bytes;
+        const float scale = sc[b];
+        float *o = out + (long)b * bs;
+        const int len = std::min(bs, k - b * bs);
+        if (w.fmt == EM_Q8_NK) {
+            for (int j = 0; j < len; j++) o[j] = ((int)blk[j] - 128) * scale;
+        } else {
+            for (int j = 0; j < len / 2; j++) {
+                o[2 * j] = ((int)(blk[j] & 0x0F) - 8) * scale;
+                o[2 * j + 1] = ((int)(blk[j] >> 4) - 8) * scale;
+            }
+            if (len & 1) o[len - 1] = ((int)(blk[len / 2] & 0x0F) - 8) * scale;
+        }
     }
 }
 
@@ -274,9 +301,6 @@ inline float hsum(__m256 v) {
 inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 #endif
-
-inline float weight_value(float v) { return v; }
-inline float weight_value(uint16_t v) { return half_to_float(v); }
 
 // KN (k, n) float weights, M <= 4 rows: the partial product of weight rows [k0, k1) into Y's
 // columns [n0, n1); eight weight rows per pass, so each Y chunk is read and written once per eight
@@ -326,12 +350,12 @@ void small_kn(const T *W, int k0, int k, int n, const float *X, int ldx, float *
 // accumulators per row of X: one FMA chain would wait on its own latency.
 template <class T, int M>
 void small_nk(const T *W, int k, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
-    constexpr int U = M == 1 ? 4 : 2;
     for (int r = n0; r < n1; r++) {
         const T *w = W + (long)r * k;
         float acc[M];
         int kk = 0;
 #ifdef EM_AVX2
+        constexpr int U = M == 1 ? 4 : 2;
         __m256 v[M][U];
         for (int m = 0; m < M; m++)
             for (int u = 0; u < U; u++) v[m][u] = _mm256_setzero_ps();
@@ -357,78 +381,118 @@ void small_nk(const T *W, int k, const float *X, int ldx, float *Y, int ldy, int
     }
 }
 
-// MatMulNBits weights (q8 / q4), M <= 4 rows: outputs [n0, n1). Activations stay float32.
-template <int BITS, int M>
-void small_q(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
-    const int k = w.k, bs = w.block, nb = (k + bs - 1) / bs, bytes = bs * BITS / 8;
-    const uint8_t *codes = static_cast<const uint8_t *>(w.data);
-    constexpr int U = M == 1 ? 4 : 2;  // independent FMA chains per row of X
-#ifdef EM_AVX2
-    // The vector loop multiplies raw codes c and removes the zero point z once per block:
-    // sum_j (c_j - z) x_j = sum_j c_j x_j - z sum_j x_j, with the x sums over the vector part here.
-    const float zero = BITS == 8 ? 128.f : 8.f;
-    thread_local std::vector<float> xsum_buf;
-    xsum_buf.assign((size_t)M * nb, 0.f);
-    float *xsum = xsum_buf.data();
-    for (int m = 0; m < M; m++)
-        for (int bi = 0; bi < nb; bi++) {
-            const int base = bi * bs, len = std::min(bs, k - base) / 32 * 32;
-            float t = 0.f;
-            for (int j = 0; j < len; j++) t += X[(long)m * ldx + base + j];
-            xsum[(long)m * nb + bi] = t;
+// ---- MatMulNBits weights (q8 / q4), M <= 4 rows ----------------------------------------------
+// Integer dot products: the activations are quantized per weight block (symmetric, round to
+// nearest), int16 for 8-bit weights (error ~1e-5 of the block's largest value: float32 results to
+// about five digits, the int8 accuracy bar's weight-only numerics) and int8 for 4-bit weights (as
+// llama.cpp's Q4_0 x Q8_0 and ONNX Runtime's MatMulNBits at accuracy_level 4 do). Codes multiply
+// as unsigned integers and the zero point comes off per block in int32, exactly. Each block's
+// integer sum is scaled once: weight scale x activation scale.
+struct QuantX {
+    int nb = 0, bs = 0;
+    std::vector<int16_t> q16;  // 8-bit weights: (m, nb*bs)
+    std::vector<int8_t> q8;    // 4-bit weights: (m, nb*bs), each 32 values evens first, then odds
+    std::vector<float> scale;  // (m, nb)
+    std::vector<int32_t> zero; // (m, nb, 8): zero point x activation codes, in the kernel's lane order
+};
+
+// Position of element i (of 32) in the 4-bit layout: a 16-byte group of nibbles unpacks to the 16
+// low nibbles (elements 0, 2, ..., 30) then the 16 high ones (1, 3, ..., 31).
+inline int q4_pos(int i) { return (i & 1) * 16 + (i >> 1); }
+
+void quantize_x(const float *X, int ldx, int m, int k, int bs, int bits, QuantX &q) {
+    const int nb = (k + bs - 1) / bs, kp = nb * bs;
+    const float qmax = bits == 8 ? 32767.f : 127.f;
+    q.nb = nb, q.bs = bs;
+    q.scale.resize((size_t)m * nb);
+    q.zero.assign((size_t)m * nb * 8, 0);
+    if (bits == 8) q.q16.assign((size_t)m * kp, 0);
+    else q.q8.assign((size_t)m * kp, 0);
+    for (int r = 0; r < m; r++)
+        for (int b = 0; b < nb; b++) {
+            const float *x = X + (long)r * ldx + (long)b * bs;
+            const int len = std::min(bs, k - b * bs);
+            float amax = 0.f;
+            for (int j = 0; j < len; j++) amax = std::max(amax, std::fabs(x[j]));
+            const float d = amax / qmax, inv = amax > 0.f ? qmax / amax : 0.f;
+            q.scale[(size_t)r * nb + b] = d;
+            int32_t *z = &q.zero[((size_t)r * nb + b) * 8];
+            for (int j = 0; j < len; j++) {
+                const int v = (int)std::lrint(x[j] * inv);
+                if (bits == 8) {  // lane of element j after madd over 16-element groups: (j % 16) / 2
+                    q.q16[(size_t)r * kp + (size_t)b * bs + j] = (int16_t)v;
+                    z[(j % 16) / 2] += 128 * v;
+                } else {  // lane after maddubs + madd over a 32-element group: position / 4
+                    const int pos = (j / 32) * 32 + q4_pos(j % 32);
+                    q.q8[(size_t)r * kp + (size_t)b * bs + pos] = (int8_t)v;
+                    z[(pos % 32) / 4] += 8 * v;
+                }
+            }
         }
-#endif
+}
+
+template <int BITS, int M>
+void small_q(const em_weight &w, const QuantX &q, float *Y, int ldy, int n0, int n1) {
+    const int nb = q.nb, bs = q.bs, kp = nb * bs, bytes = bs * BITS / 8;
+    const uint8_t *codes = static_cast<const uint8_t *>(w.data);
     for (int r = n0; r < n1; r++) {
         const uint8_t *row = codes + (long)r * nb * bytes;
         const float *sc = w.scales + (long)r * nb;
-        float acc[M] = {};
 #ifdef EM_AVX2
-        __m256 tot[M];
-        for (int m = 0; m < M; m++) tot[m] = _mm256_setzero_ps();
-#endif
-        for (int bi = 0; bi < nb; bi++) {
-            const uint8_t *blk = row + (long)bi * bytes;
-            const int base = bi * bs, len = std::min(bs, k - base);
-            int j = 0;
-#ifdef EM_AVX2
-            __m256 part[M][U];
-            for (int m = 0; m < M; m++)
-                for (int u = 0; u < U; u++) part[m][u] = _mm256_setzero_ps();
-            for (; j + 32 <= len; j += 32) {
-                __m256 wq[4];  // 32 codes as floats, zero point not yet removed (see xsum below)
+        __m256 facc[M];
+        for (int m = 0; m < M; m++) facc[m] = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (long)b * bytes;
+            __m256i iacc[M];
+            for (int m = 0; m < M; m++) iacc[m] = _mm256_setzero_si256();
+            for (int j = 0; j < bs; j += 32) {
                 if (BITS == 8) {
-                    for (int s = 0; s < 4; s++)
-                        wq[s] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + j + 8 * s))));
+                    __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + j)));
+                    __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + j + 16)));
+                    for (int m = 0; m < M; m++) {
+                        const int16_t *x = q.q16.data() + (size_t)m * kp + (size_t)b * bs + j;
+                        iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)));
+                        iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x + 16))));
+                    }
                 } else {
-                    __m128i c = _mm_loadu_si128((const __m128i *)(blk + j / 2)), mask = _mm_set1_epi8(0x0F);
-                    __m128i lo = _mm_and_si128(c, mask), hi = _mm_and_si128(_mm_srli_epi16(c, 4), mask);
-                    __m128i e0 = _mm_unpacklo_epi8(lo, hi), e1 = _mm_unpackhi_epi8(lo, hi);
-                    wq[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e0));
-                    wq[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e0, 8)));
-                    wq[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e1));
-                    wq[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(e1, 8)));
+                    const __m128i c = _mm_loadu_si128((const __m128i *)(blk + j / 2)), mask = _mm_set1_epi8(0x0F);
+                    const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), mask), _mm_and_si128(c, mask));
+                    for (int m = 0; m < M; m++) {
+                        const int8_t *x = q.q8.data() + (size_t)m * kp + (size_t)b * bs + j;
+                        __m256i p = _mm256_maddubs_epi16(wv, _mm256_loadu_si256((const __m256i *)x));
+                        iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+                    }
                 }
-                for (int s = 0; s < 4; s++)
-                    for (int m = 0; m < M; m++)
-                        part[m][s % U] = _mm256_fmadd_ps(wq[s], _mm256_loadu_ps(X + (long)m * ldx + base + j + 8 * s), part[m][s % U]);
             }
-            __m256 scale = _mm256_set1_ps(sc[bi]);
             for (int m = 0; m < M; m++) {
-                for (int u = 1; u < U; u++) part[m][0] = _mm256_add_ps(part[m][0], part[m][u]);
-                tot[m] = _mm256_fmadd_ps(scale, part[m][0], tot[m]);
-                acc[m] -= sc[bi] * zero * xsum[(long)m * nb + bi];
-            }
-#endif
-            for (; j < len; j++) {  // tails (and every element without AVX2)
-                int q = BITS == 8 ? (int)blk[j] - 128 : (int)((blk[j / 2] >> ((j & 1) * 4)) & 0xF) - 8;
-                float wv = q * sc[bi];
-                for (int m = 0; m < M; m++) acc[m] += wv * X[(long)m * ldx + base + j];
+                const size_t mb = (size_t)m * nb + b;
+                __m256i exact = _mm256_sub_epi32(iacc[m], _mm256_loadu_si256((const __m256i *)&q.zero[mb * 8]));
+                facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(exact), _mm256_set1_ps(sc[b] * q.scale[mb]), facc[m]);
             }
         }
-#ifdef EM_AVX2
-        for (int m = 0; m < M; m++) acc[m] += hsum(tot[m]);
-#endif
+        for (int m = 0; m < M; m++) Y[(long)m * ldy + r] = hsum(facc[m]);
+#else
+        float acc[M] = {};
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *blk = row + (long)b * bytes;
+            for (int m = 0; m < M; m++) {
+                int32_t dot = 0;
+                if (BITS == 8) {
+                    const int16_t *x = q.q16.data() + (size_t)m * kp + (size_t)b * bs;
+                    for (int j = 0; j < bs; j++) dot += ((int32_t)blk[j] - 128) * x[j];
+                } else {
+                    const int8_t *x = q.q8.data() + (size_t)m * kp + (size_t)b * bs;
+                    for (int j = 0; j < bs; j += 32)
+                        for (int i = 0; i < 16; i++) {
+                            const uint8_t c = blk[(j >> 1) + i];
+                            dot += ((int32_t)(c & 0x0F) - 8) * x[j + i] + ((int32_t)(c >> 4) - 8) * x[j + 16 + i];
+                        }
+                }
+                acc[m] += (float)dot * (sc[b] * q.scale[(size_t)m * nb + b]);
+            }
+        }
         for (int m = 0; m < M; m++) Y[(long)m * ldy + r] = acc[m];
+#endif
     }
 }
 
@@ -440,8 +504,8 @@ void small_linear(const em_weight &w, const float *X, int ldx, float *Y, int ldy
     case EM_F16_KN: return small_kn<uint16_t, M>((const uint16_t *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
     case EM_F32_NK: return small_nk<float, M>((const float *)w.data, w.k, X, ldx, Y, ldy, n0, n1);
     case EM_F16_NK: return small_nk<uint16_t, M>((const uint16_t *)w.data, w.k, X, ldx, Y, ldy, n0, n1);
-    case EM_Q8_NK: return small_q<8, M>(w, X, ldx, Y, ldy, n0, n1);
-    case EM_Q4_NK: return small_q<4, M>(w, X, ldx, Y, ldy, n0, n1);
+    case EM_Q8_NK:
+    case EM_Q4_NK: break;  // small_q, on activations quantized once per call
     }
 }
 
@@ -461,9 +525,31 @@ void pack_panel(const em_weight &w, int n0, int nb, int nbp, float *panel, float
         }
         return;
     }
-    for (int j = 0; j < nbp; j++) {
-        if (j < nb) dequant_row(w, n0 + j, rowbuf);
-        for (int kk = 0; kk < k; kk++) panel[(long)kk * nbp + j] = j < nb ? rowbuf[kk] : 0.f;
+    // NK: eight rows dequantized side by side (rowbuf: 8 x k), then transposed 8x8 at a time.
+    for (int j0 = 0; j0 < nbp; j0 += 8) {
+        for (int j = 0; j < 8; j++) {
+            float *rb = rowbuf + (long)j * k;
+            if (j0 + j < nb) dequant_row(w, n0 + j0 + j, rb);
+            else std::fill(rb, rb + k, 0.f);
+        }
+        int kk = 0;
+#ifdef EM_AVX2
+        for (; kk + 8 <= k; kk += 8) {
+            __m256 r[8], t[8];
+            for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(rowbuf + (long)j * k + kk);
+            for (int j = 0; j < 8; j += 2) t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]), t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+            for (int j = 0; j < 8; j += 4) {
+                r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44), r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+                r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44), r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+            }
+            for (int j = 0; j < 4; j++) {
+                _mm256_storeu_ps(panel + (long)(kk + j) * nbp + j0, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+                _mm256_storeu_ps(panel + (long)(kk + j + 4) * nbp + j0, _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+            }
+        }
+#endif
+        for (; kk < k; kk++)
+            for (int j = 0; j < 8; j++) panel[(long)kk * nbp + j0 + j] = rowbuf[(long)j * k + kk];
     }
 }
 
@@ -498,32 +584,36 @@ void micro(const float *X, int ldx, const float *P, int ldp, int k, float *out /
 
 constexpr int kTileM = 6;
 
+// Y[:, n0:n0+nb] for rows of X; the panel holds nbp (nb rounded up to 16) columns, rows ldp apart.
 template <int R>
-void tile_rows(const float *X, int ldx, const float *panel, int nbp, int k, float *Y, int ldy, int n0, int nb) {
+void tile_rows(const float *X, int ldx, const float *panel, int ldp, int nbp, int k, float *Y, int ldy, int n0, int nb) {
     alignas(32) float out[R * 16];
     for (int j = 0; j < nbp; j += 16) {
-        micro<R>(X, ldx, panel + j, nbp, k, out);
+        micro<R>(X, ldx, panel + j, ldp, k, out);
         const int w = std::min(16, nb - j);
         for (int r = 0; r < R; r++) std::memcpy(Y + (long)r * ldy + n0 + j, out + r * 16, sizeof(float) * w);
     }
 }
 
-void panel_rows(const float *X, int ldx, int m, const float *panel, int nbp, int k, float *Y, int ldy, int n0, int nb) {
+void panel_rows(const float *X, int ldx, int m, const float *panel, int ldp, int nbp, int k, float *Y, int ldy, int n0,
+                int nb) {
     int r = 0;
-    for (; r + kTileM <= m; r += kTileM) tile_rows<kTileM>(X + (long)r * ldx, ldx, panel, nbp, k, Y + (long)r * ldy, ldy, n0, nb);
+    for (; r + kTileM <= m; r += kTileM)
+        tile_rows<kTileM>(X + (long)r * ldx, ldx, panel, ldp, nbp, k, Y + (long)r * ldy, ldy, n0, nb);
     const float *x = X + (long)r * ldx;
     float *y = Y + (long)r * ldy;
     switch (m - r) {
-    case 5: tile_rows<5>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
-    case 4: tile_rows<4>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
-    case 3: tile_rows<3>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
-    case 2: tile_rows<2>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
-    case 1: tile_rows<1>(x, ldx, panel, nbp, k, y, ldy, n0, nb); break;
+    case 5: tile_rows<5>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 4: tile_rows<4>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 3: tile_rows<3>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 2: tile_rows<2>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 1: tile_rows<1>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
     }
 }
 
-struct Scratch {  // per thread: a packed panel and a row buffer
+struct Scratch {  // per thread: a packed panel and a row buffer (thread 0: quantized activations)
     std::vector<float> panel, row;
+    QuantX qx;
 };
 
 // Columns per panel: the panel (k x nb floats) stays within ~256 KiB, in L2 while the rows reuse it.
@@ -531,7 +621,9 @@ inline int panel_cols(int k) { return std::max(16, std::min(128, (65536 / std::m
 
 void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const float *X, int ldx, int m, float *Y,
             int ldy, const float *bias) {
-    const bool kn = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN;
+    const bool kn = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN, quant = w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK;
+    QuantX &qx = scratch[0].qx;
+    if (quant && m <= kSmallM) quantize_x(X, ldx, m, w.k, w.block, w.fmt == EM_Q8_NK ? 8 : 4, qx);
     auto job = [&](int tid, int nth) {
         int n0, n1;
         if (m <= kSmallM) {
@@ -540,7 +632,15 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
             const int ldo = kn ? w.n : ldy;
             split(kn ? w.k : w.n, kn ? 8 : 1, tid, nth, &n0, &n1);
             if (kn && n0 >= n1) std::fill(out, out + (long)m * w.n, 0.f);
-            if (n0 < n1) {
+            if (n0 < n1 && quant) {
+                const bool q8 = w.fmt == EM_Q8_NK;
+                switch (m) {
+                case 1: q8 ? small_q<8, 1>(w, qx, Y, ldy, n0, n1) : small_q<4, 1>(w, qx, Y, ldy, n0, n1); break;
+                case 2: q8 ? small_q<8, 2>(w, qx, Y, ldy, n0, n1) : small_q<4, 2>(w, qx, Y, ldy, n0, n1); break;
+                case 3: q8 ? small_q<8, 3>(w, qx, Y, ldy, n0, n1) : small_q<4, 3>(w, qx, Y, ldy, n0, n1); break;
+                default: q8 ? small_q<8, 4>(w, qx, Y, ldy, n0, n1) : small_q<4, 4>(w, qx, Y, ldy, n0, n1); break;
+                }
+            } else if (n0 < n1) {
                 switch (m) {
                 case 1: small_linear<1>(w, X, ldx, out, ldo, n0, n1); break;
                 case 2: small_linear<2>(w, X, ldx, out, ldo, n0, n1); break;
@@ -556,8 +656,12 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
             Scratch &s = scratch[tid];
             for (int b = b0; b < b1; b++) {
                 const int c0 = b * pc, nb = std::min(pc, w.n - c0), nbp = (nb + 15) / 16 * 16;
+                if (w.fmt == EM_F32_KN && nb == nbp) {  // float32 rows are already a panel (stride n)
+                    panel_rows(X, ldx, m, (const float *)w.data + c0, w.n, nbp, w.k, Y, ldy, c0, nb);
+                    continue;
+                }
                 pack_panel(w, c0, nb, nbp, s.panel.data(), s.row.data());
-                panel_rows(X, ldx, m, s.panel.data(), nbp, w.k, Y, ldy, c0, nb);
+                panel_rows(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
             }
             n0 = std::min(w.n, b0 * pc), n1 = std::min(w.n, b1 * pc);
         }
@@ -662,6 +766,10 @@ void em_model::scan1(int li, int rows, int per_seq, float *const *ssm) {
     auto job = [&](int tid, int nth) {
         int d0, d1;
         split(e, 8, tid, nth, &d0, &d1);
+        for (int row = 0; row < rows; row++) {  // dt = clamp(softplus(dt_proj(.) + dt_bias)), this thread's channels
+            float *v = dt.data() + (long)row * e;
+            for (int d = d0; d < d1; d++) v[d] = std::min(std::max(em_softplus(v[d] + L.w.dt_bias[d]), c.dt_min), c.dt_max);
+        }
         for (int s = 0; s < rows / per_seq; s++) {
             for (int d = d0; d < d1; d++) {
                 float *hs = ssm[s] + (long)d * n;
@@ -730,18 +838,14 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
         const int r = c.dt_rank, n = c.d_state;
         linear(pool, scratch, L.w.x_proj, xc.data(), e, rows, xdbl.data(), xdbl_dim, nullptr);
         if (c.bcdt_eps > 0)  // Falcon-Mamba: weightless RMSNorm of dt, B and C, each on its own
-            for (int row = 0; row < rows; row++) {
+            parallel_rows(pool, rows, [&](int row) {
                 float *v = xdbl.data() + (long)row * xdbl_dim;
                 rms_norm(v, nullptr, c.bcdt_eps, r, v);
                 rms_norm(v + r, nullptr, c.bcdt_eps, n, v + r);
                 rms_norm(v + r + n, nullptr, c.bcdt_eps, n, v + r + n);
-            }
+            });
         linear(pool, scratch, L.w.dt_proj, xdbl.data(), xdbl_dim, rows, dt.data(), e, nullptr);
-        for (int row = 0; row < rows; row++) {
-            float *v = dt.data() + (long)row * e;
-            for (int i = 0; i < e; i++) v[i] = std::min(std::max(em_softplus(v[i] + L.w.dt_bias[i]), c.dt_min), c.dt_max);
-        }
-        scan1(li, rows, per_seq, ssm);
+        scan1(li, rows, per_seq, ssm);  // softplus of dt included
     } else {
         const int nh = c.n_heads;
         for (int row = 0; row < rows; row++)
@@ -751,7 +855,7 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
             }
         scan2(li, rows, per_seq, ssm);
         const int G = c.n_groups, gs = e / G;  // gated RMSNorm, per group
-        for (int row = 0; row < rows; row++) {
+        parallel_rows(pool, rows, [&](int row) {
             float *yr = y.data() + (long)row * e;
             const float *z = proj.data() + (long)row * in_dim;
             if (!c.norm_before_gate)
@@ -759,7 +863,7 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
             for (int g = 0; g < G; g++) rms_norm(yr + (long)g * gs, L.w.gate_norm + (long)g * gs, c.norm_eps, gs, yr + (long)g * gs);
             if (c.norm_before_gate)
                 for (int i = 0; i < e; i++) yr[i] *= em_silu(z[i]);
-        }
+        });
     }
     linear(pool, scratch, L.w.out_proj, y.data(), e, rows, out.data(), c.d_model, L.w.out_proj_b);
 }
@@ -773,10 +877,15 @@ void em_model::forward(const int64_t *ids, int rows, int per_seq, float *const *
     const long conv_size = (long)conv_dim * (c.d_conv - 1), ssm_size = (long)c.d_inner * c.d_state;
     for (int li = 0; li < c.n_layer; li++) {
         for (int s = 0; s < seqs; s++) cv[s] = conv[li] + s * conv_size, sv[s] = ssm[li] + s * ssm_size;
-        for (int r = 0; r < rows; r++) rms_norm(h.data() + (long)r * d, layers[li].w.norm, c.norm_eps, d, hn.data() + (long)r * d);
+        parallel_rows(pool, rows, [&](int r) {
+            float *hr = h.data() + (long)r * d;
+            if (li > 0)  // the previous layer's residual add, fused with this layer's norm
+                for (int i = 0; i < d; i++) hr[i] += out[(long)r * d + i];
+            rms_norm(hr, layers[li].w.norm, c.norm_eps, d, hn.data() + (long)r * d);
+        });
         mixer(li, rows, per_seq, cv.data(), sv.data());
-        for (long i = 0; i < (long)rows * d; i++) h[i] += out[i];
     }
+    for (long i = 0; i < (long)rows * d; i++) h[i] += out[i];  // the last layer's residual
     if (!logits) return;
     const int lr = rows - first_logit_row;
     for (int r = first_logit_row; r < rows; r++) rms_norm(h.data() + (long)r * d, norm_f, c.norm_eps, d, hn.data() + (long)(r - first_logit_row) * d);
@@ -795,7 +904,8 @@ bool check_weight(const em_weight &w, int k, int n, bool nk_only, const char *na
     if (!w.data) why = "no data";
     else if (!fmt_ok) why = "unsupported format";
     else if (w.k != k || w.n != n) why = "wrong shape";
-    else if ((w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK) && (!w.scales || w.block < 32 || w.block % 32)) why = "bad block size or scales";
+    else if ((w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK) && (!w.scales || w.block < 32 || w.block % 32 || w.block > 1024))
+        why = "block size must be a multiple of 32 up to 1024 (int32 block sums), with scales";
     if (why) std::snprintf(err, err_len, "%s: %s (format %d, k %d, n %d; expected k %d, n %d)", name, why, w.fmt, w.k, w.n, k, n);
     return !why;
 }
@@ -861,7 +971,7 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
         // a panel (prefill) or a thread's partial sums of a KN layer's outputs (decode)
         const int widest = std::max(in_dim, std::max(c.d_inner, c.d_model));
         s.panel.resize(std::max((size_t)kmax * 128, (size_t)kSmallM * widest) + 64);
-        s.row.resize(kmax + 64);
+        s.row.resize((size_t)8 * kmax + 64);
     }
     const long R = max_rows;
     m->h.resize(R * c.d_model);
