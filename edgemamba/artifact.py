@@ -16,10 +16,14 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgemamba import __version__
 from edgemamba.errors import EdgeMambaError
 from edgemamba.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from edgemamba.checkpoint import Checkpoint
 
 FORMAT = "edgemamba-artifact"
 FORMAT_VERSION = 1
@@ -193,6 +197,10 @@ def compile_artifact(ckpt: "Checkpoint", dest: Path, target: str = "ort-cpu", pr
         if engines is not None:
             engine_files, built = engines.compile_engines(tmp, spec, precision, files)
             files.update(engine_files)
+        if target == "ort-cpu":  # the native CPU engine runs it from this, without the graphs
+            from edgemamba.runtimes.native import graph_index
+
+            built["weights_index"] = graph_index(files["step"])
         write_manifest(tmp, spec, target, precision, ckpt, graphs={k: files[k].name for k in GRAPHS},
                        files=list(files.values()), ssm_state_dtype=recipe.state_dtype if recipe else "float32",
                        pipeline=pipeline, **built)

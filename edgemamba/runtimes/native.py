@@ -35,7 +35,7 @@ class NativeUnavailable(Exception):
 # ---- the C ABI (edgemamba/kernels/cpu/emcpu.h) ---------------------------------------------------
 class Weight(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("fmt", ctypes.c_int32),
-                ("k", ctypes.c_int32), ("n", ctypes.c_int32), ("block", ctypes.c_int32)]
+                ("k", ctypes.c_int32), ("n", ctypes.c_int32), ("block", ctypes.c_int32), ("act_bits", ctypes.c_int32)]
 
 
 class Config(ctypes.Structure):
@@ -102,40 +102,63 @@ def _cpu_flags() -> set[str] | None:
 
 
 # ---- the artifact's weights, by role ---------------------------------------------------------------
+def graph_index(step_graph: Path) -> dict:
+    """What the native engine needs to know of an ort-cpu step graph, as JSON: where each external
+    initializer lives in weights.bin, which tensor each linear layer multiplies by and which one the
+    embedding lookup gathers (read from the graph's nodes, not guessed from names), or why the graph
+    is not one the engine runs. The compiler stores it in the manifest ("weights_index"), so running
+    an artifact needs neither the graphs nor the onnx package."""
+    import onnx
+
+    graph = onnx.load(str(step_graph), load_external_data=False).graph
+    tensors, linear, gather, unsupported, act_bits = {}, {}, None, None, {}
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).name
+        tensors[init.name] = {"location": info.get("location"), "offset": int(info.get("offset", -1)),
+                              "bytes": int(info.get("length", -1)), "dtype": dtype, "shape": [int(d) for d in init.dims]}
+    for node in graph.node:
+        if node.domain not in ("", "com.microsoft") or node.op_type in (
+                "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulIntegerToFloat"):
+            unsupported = f"the graph has {node.domain or 'onnx'}.{node.op_type} nodes (quantized activations)"
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits") and len(node.input) > 1 and node.input[1] in tensors:
+            linear[_base(node.input[1])] = node.input[1]
+            if node.op_type == "MatMulNBits":  # accuracy_level < 4 asks for float activations: int16 here
+                level = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+                act_bits[node.input[1]] = 16 if level < 4 else 0
+        elif node.op_type == "Gather" and node.input[0] in tensors and _base(node.input[0]) == "embedding":
+            gather = node.input[0]
+    return {"tensors": tensors, "linear": linear, "gather": gather, "unsupported": unsupported, "act_bits": act_bits}
+
+
 class WeightIndex:
-    """Where each initializer of the step graph lives in weights.bin, and which tensor each linear
-    layer and the embedding lookup use (read from the graph's nodes, not guessed from names)."""
+    """The artifact's weights by name, viewed in place in the mapped weights.bin."""
 
     def __init__(self, artifact: Artifact, weights: np.ndarray):
-        import onnx
-
-        graph = onnx.load(str(artifact.file("step")), load_external_data=False).graph
+        index = artifact.manifest.get("weights_index") or graph_index(artifact.file("step"))  # older artifacts
+        where = f"{artifact.path}: weights_index"
+        try:
+            if index["unsupported"]:
+                raise NativeUnavailable(index["unsupported"])
+            self.linear: dict[str, str] = dict(index["linear"])
+            self.gather: str | None = index["gather"]
+            self.act_bits: dict[str, int] = dict(index.get("act_bits", {}))
+            self.inits = {}
+            for name, t in index["tensors"].items():
+                dtype, shape, offset = np.dtype(t["dtype"]), tuple(int(d) for d in t["shape"]), int(t["offset"])
+                if (t["location"] != WEIGHTS_FILE or offset < 0 or offset + int(t["bytes"]) > weights.size
+                        or any(d < 0 for d in shape) or int(t["bytes"]) != dtype.itemsize * int(np.prod(shape, dtype=object))):
+                    raise EdgeMambaError(f"{where}: tensor {name!r} does not fit {WEIGHTS_FILE}")
+                self.inits[name] = (offset, dtype, shape)
+        except (KeyError, TypeError, ValueError) as e:
+            raise EdgeMambaError(f"{where}: malformed ({type(e).__name__}: {e})") from None
         self.weights = weights
-        self.inits = {}
-        for init in graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in init.external_data}
-            if info.get("location") != WEIGHTS_FILE:
-                raise EdgeMambaError(f"{artifact.file('step')}: initializer {init.name!r} points outside {WEIGHTS_FILE}")
-            offset, length = int(info["offset"]), int(info["length"])
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
-            dims = tuple(int(d) for d in init.dims)
-            if offset < 0 or offset + length > weights.size or length != dtype.itemsize * int(np.prod(dims, dtype=object)):
-                raise EdgeMambaError(f"{artifact.file('step')}: initializer {init.name!r} does not fit {WEIGHTS_FILE}")
-            self.inits[init.name] = (offset, dtype, dims)
-        self.linear: dict[str, str] = {}  # base name (export_weights') -> tensor the graph multiplies by
-        self.gather: str | None = None
-        for node in graph.node:
-            if node.domain not in ("", "com.microsoft") or node.op_type in (
-                    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulIntegerToFloat"):
-                raise NativeUnavailable(f"the graph has {node.domain or 'onnx'}.{node.op_type} nodes (quantized activations)")
-            if node.op_type in ("MatMul", "Gemm", "MatMulNBits") and len(node.input) > 1 and node.input[1] in self.inits:
-                self.linear[_base(node.input[1])] = node.input[1]
-            elif node.op_type == "Gather" and node.input[0] in self.inits and _base(node.input[0]) == "embedding":
-                self.gather = node.input[0]
 
     def array(self, name: str) -> np.ndarray:
+        if name not in self.inits:
+            raise NativeUnavailable(f"no tensor {name!r} in weights.bin")
         offset, dtype, dims = self.inits[name]
         return self.weights[offset : offset + dtype.itemsize * int(np.prod(dims, dtype=object))].view(dtype).reshape(dims)
 
@@ -157,14 +180,15 @@ class WeightIndex:
             nb = -(-k // block)
             if arr.shape != (n, nb, block * bits // 8) or scales.size != n * nb or arr.dtype != np.uint8:
                 raise NativeUnavailable(f"{tensor}: unexpected packed layout {arr.shape}")
-            return Weight(arr.ctypes.data, scales.ctypes.data, Q8_NK if bits == 8 else Q4_NK, k, n, block)
+            return Weight(arr.ctypes.data, scales.ctypes.data, Q8_NK if bits == 8 else Q4_NK, k, n, block,
+                          self.act_bits.get(tensor, 0))
         if arr.dtype not in (np.float32, np.float16):
             raise NativeUnavailable(f"{tensor}: {arr.dtype} weights")
         if arr.shape != ((n, k) if table else (k, n)):
             raise NativeUnavailable(f"{tensor}: shape {arr.shape}, expected {(n, k) if table else (k, n)}")
         half = arr.dtype == np.float16
         fmt = (F16_NK if half else F32_NK) if table else (F16_KN if half else F32_KN)
-        return Weight(arr.ctypes.data, None, fmt, k, n, 0)
+        return Weight(arr.ctypes.data, None, fmt, k, n, 0, 0)
 
     def layer_matrix(self, base: str, k: int, n: int) -> Weight:
         tensor = self.linear.get(base + ".T")

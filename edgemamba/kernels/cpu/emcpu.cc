@@ -400,9 +400,11 @@ struct QuantX {
 // low nibbles (elements 0, 2, ..., 30) then the 16 high ones (1, 3, ..., 31).
 inline int q4_pos(int i) { return (i & 1) * 16 + (i >> 1); }
 
-void quantize_x(const float *X, int ldx, int m, int k, int bs, int bits, QuantX &q) {
-    const int nb = (k + bs - 1) / bs, kp = nb * bs;
-    const float qmax = bits == 8 ? 32767.f : 127.f;
+// act_bits 16: natural order, lanes of madd over 16-element groups; 8: 4-bit layout, maddubs lanes.
+void quantize_x(const float *X, int ldx, int m, int k, int bs, int wbits, int act_bits, QuantX &q) {
+    const int nb = (k + bs - 1) / bs, kp = nb * bs, zp = wbits == 8 ? 128 : 8;
+    const float qmax = act_bits == 16 ? 32767.f : 127.f;
+    const int bits = act_bits == 16 ? 8 : 4;  // below: the storage layout (8: int16, 4: int8 permuted)
     q.nb = nb, q.bs = bs;
     q.scale.resize((size_t)m * nb);
     q.zero.assign((size_t)m * nb * 8, 0);
@@ -421,7 +423,7 @@ void quantize_x(const float *X, int ldx, int m, int k, int bs, int bits, QuantX 
                 const int v = (int)std::lrint(x[j] * inv);
                 if (bits == 8) {  // lane of element j after madd over 16-element groups: (j % 16) / 2
                     q.q16[(size_t)r * kp + (size_t)b * bs + j] = (int16_t)v;
-                    z[(j % 16) / 2] += 128 * v;
+                    z[(j % 16) / 2] += zp * v;
                 } else {  // lane after maddubs + madd over a 32-element group: position / 4
                     const int pos = (j / 32) * 32 + q4_pos(j % 32);
                     q.q8[(size_t)r * kp + (size_t)b * bs + pos] = (int8_t)v;
@@ -431,7 +433,7 @@ void quantize_x(const float *X, int ldx, int m, int k, int bs, int bits, QuantX 
         }
 }
 
-template <int BITS, int M>
+template <int BITS, int ACT, int M>
 void small_q(const em_weight &w, const QuantX &q, float *Y, int ldy, int n0, int n1) {
     const int nb = q.nb, bs = q.bs, kp = nb * bs, bytes = bs * BITS / 8;
     const uint8_t *codes = static_cast<const uint8_t *>(w.data);
@@ -446,9 +448,17 @@ void small_q(const em_weight &w, const QuantX &q, float *Y, int ldy, int n0, int
             __m256i iacc[M];
             for (int m = 0; m < M; m++) iacc[m] = _mm256_setzero_si256();
             for (int j = 0; j < bs; j += 32) {
-                if (BITS == 8) {
-                    __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + j)));
-                    __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + j + 16)));
+                if (ACT == 16) {
+                    __m256i w0, w1;
+                    if (BITS == 8) {
+                        w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + j)));
+                        w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + j + 16)));
+                    } else {  // nibbles back in element order: low, high, low, high, ...
+                        const __m128i c = _mm_loadu_si128((const __m128i *)(blk + j / 2)), mask = _mm_set1_epi8(0x0F);
+                        const __m128i lo = _mm_and_si128(c, mask), hi = _mm_and_si128(_mm_srli_epi16(c, 4), mask);
+                        w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+                        w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));
+                    }
                     for (int m = 0; m < M; m++) {
                         const int16_t *x = q.q16.data() + (size_t)m * kp + (size_t)b * bs + j;
                         iacc[m] = _mm256_add_epi32(iacc[m], _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x)));
@@ -477,9 +487,12 @@ void small_q(const em_weight &w, const QuantX &q, float *Y, int ldy, int n0, int
             const uint8_t *blk = row + (long)b * bytes;
             for (int m = 0; m < M; m++) {
                 int32_t dot = 0;
-                if (BITS == 8) {
+                if (ACT == 16) {
                     const int16_t *x = q.q16.data() + (size_t)m * kp + (size_t)b * bs;
-                    for (int j = 0; j < bs; j++) dot += ((int32_t)blk[j] - 128) * x[j];
+                    if (BITS == 8)
+                        for (int j = 0; j < bs; j++) dot += ((int32_t)blk[j] - 128) * x[j];
+                    else
+                        for (int j = 0; j < bs; j++) dot += ((int32_t)((blk[j / 2] >> ((j & 1) * 4)) & 0x0F) - 8) * x[j];
                 } else {
                     const int8_t *x = q.q8.data() + (size_t)m * kp + (size_t)b * bs;
                     for (int j = 0; j < bs; j += 32)
@@ -494,6 +507,13 @@ void small_q(const em_weight &w, const QuantX &q, float *Y, int ldy, int n0, int
         for (int m = 0; m < M; m++) Y[(long)m * ldy + r] = acc[m];
 #endif
     }
+}
+
+template <int M>
+void q_rows(const em_weight &w, int wbits, int act_bits, const QuantX &q, float *Y, int ldy, int n0, int n1) {
+    if (wbits == 8) small_q<8, 16, M>(w, q, Y, ldy, n0, n1);
+    else if (act_bits == 16) small_q<4, 16, M>(w, q, Y, ldy, n0, n1);
+    else small_q<4, 8, M>(w, q, Y, ldy, n0, n1);
 }
 
 // NK formats: outputs [n0, n1). KN formats: the partial sum over weight rows [n0, n1), all outputs.
@@ -623,7 +643,8 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
             int ldy, const float *bias) {
     const bool kn = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN, quant = w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK;
     QuantX &qx = scratch[0].qx;
-    if (quant && m <= kSmallM) quantize_x(X, ldx, m, w.k, w.block, w.fmt == EM_Q8_NK ? 8 : 4, qx);
+    const int wbits = w.fmt == EM_Q8_NK ? 8 : 4, act_bits = wbits == 8 || w.act_bits == 16 ? 16 : 8;
+    if (quant && m <= kSmallM) quantize_x(X, ldx, m, w.k, w.block, wbits, act_bits, qx);
     auto job = [&](int tid, int nth) {
         int n0, n1;
         if (m <= kSmallM) {
@@ -633,12 +654,11 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
             split(kn ? w.k : w.n, kn ? 8 : 1, tid, nth, &n0, &n1);
             if (kn && n0 >= n1) std::fill(out, out + (long)m * w.n, 0.f);
             if (n0 < n1 && quant) {
-                const bool q8 = w.fmt == EM_Q8_NK;
                 switch (m) {
-                case 1: q8 ? small_q<8, 1>(w, qx, Y, ldy, n0, n1) : small_q<4, 1>(w, qx, Y, ldy, n0, n1); break;
-                case 2: q8 ? small_q<8, 2>(w, qx, Y, ldy, n0, n1) : small_q<4, 2>(w, qx, Y, ldy, n0, n1); break;
-                case 3: q8 ? small_q<8, 3>(w, qx, Y, ldy, n0, n1) : small_q<4, 3>(w, qx, Y, ldy, n0, n1); break;
-                default: q8 ? small_q<8, 4>(w, qx, Y, ldy, n0, n1) : small_q<4, 4>(w, qx, Y, ldy, n0, n1); break;
+                case 1: q_rows<1>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
+                case 2: q_rows<2>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
+                case 3: q_rows<3>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
+                default: q_rows<4>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
                 }
             } else if (n0 < n1) {
                 switch (m) {

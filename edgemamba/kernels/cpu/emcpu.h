@@ -26,6 +26,10 @@ typedef struct {
     const void *data;
     const float *scales; /* quantized formats only */
     int32_t fmt, k, n, block;
+    /* quantized formats: bits of the activations in the integer dot products. 0: the default,
+     * 16 for 8-bit weights (float32 results to ~5 digits), 8 for 4-bit weights (as llama.cpp's
+     * Q4_0 and ONNX Runtime's MatMulNBits accuracy_level 4). 16 for 4-bit weights: accuracy_level 0. */
+    int32_t act_bits;
 } em_weight;
 
 typedef struct {
