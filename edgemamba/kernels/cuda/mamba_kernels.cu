@@ -61,10 +61,19 @@ __device__ __forceinline__ void store_vec(float *p, const float (&in)[kVec]) {
   }
 }
 
-// Fast exponentials (ex2.approx): a few ulp, and they sit on the decode step's critical path.
+// Fast exponentials: 2^v with one ex2.approx.ftz (a few ulp; results below 2^-126 flush to 0, which
+// exp(Δ·A) ≤ 1 never needs). __expf is the same instruction plus a denormal fix-up of three
+// dependent instructions, and exponentials sit on the decode step's critical path.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float exp2_ftz(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ float fast_exp(float v) { return exp2_ftz(v * kLog2e); }
 // log1pf keeps softplus accurate for small Δ.
-__device__ __forceinline__ float softplus(float v) { return v > 20.f ? v : log1pf(__expf(v)); }
-__device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.f + __expf(-v)); }
+__device__ __forceinline__ float softplus(float v) { return v > 20.f ? v : log1pf(fast_exp(v)); }
+__device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.f + fast_exp(-v)); }
 
 struct ScanParams {
   const float *state_in;
@@ -91,9 +100,11 @@ struct StepInputs {
 // clamped, valid address and drop the value), so all of a lane's loads are in flight together: a
 // branch around a load would cost a memory round trip of its own. kDecode: one token (T = 1 at
 // compile time, straight-line code); otherwise step t+1's inputs load while step t computes.
-template <typename TA, typename TW, int kVec, int kChunks, bool kMamba1, bool kDecode>
+template <typename TA, typename TW, int kVec, int kChunks, bool kMamba1, bool kDecode, int kTpr>
 __global__ void __launch_bounds__(kBlock) selective_scan_kernel(const ScanParams p) {
-  const int tpr = 1 << p.log2_tpr;
+  // Lanes per row: kTpr when known at compile time (the y reduction is then straight-line
+  // shuffles, no loop and no branches), else from the parameters.
+  const int tpr = kTpr ? kTpr : 1 << p.log2_tpr;
   const int tid = blockIdx.x * kBlock + threadIdx.x;
   const int lane = tid & (tpr - 1);
   const int sub = tid >> p.log2_tpr;  // Mamba-1: channel; Mamba-2: row within the head
@@ -113,8 +124,9 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(const ScanParams
   const TW *__restrict__ A = static_cast<const TW *>(p.A);
   TA *__restrict__ y = static_cast<TA *>(p.y);
 
-  const float dt_bias = to_float(static_cast<const TW *>(p.dt_bias)[p.has_dt_bias ? h : 0]);
-  const float D = to_float(static_cast<const TW *>(p.D)[p.has_D ? h : 0]);
+  const float dt_bias_v = to_float(static_cast<const TW *>(p.dt_bias)[p.has_dt_bias ? h : 0]);
+  const float D_v = to_float(static_cast<const TW *>(p.D)[p.has_D ? h : 0]);
+  const float dt_bias = p.has_dt_bias ? dt_bias_v : 0.f, D = p.has_D ? D_v : 0.f;  // selects, not branches
 
   // This lane's state values: chunk c holds state[n0 .. n0+kVec) with n0 = (lane + c·tpr)·kVec.
   int n0[kChunks];
@@ -162,11 +174,16 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(const ScanParams
       if (t + 1 < T) load_step(t + 1, next);  // in flight while this step computes
     }
 
-    float delta = cur.dt + (p.has_dt_bias ? dt_bias : 0.f);
+    float delta = cur.dt + dt_bias;
     delta = p.dt_softplus ? softplus(delta) : delta;
     delta = fminf(fmaxf(delta, p.dt_min), p.dt_max);
     const float dx = delta * cur.x;
-    const float dA_head = kMamba1 ? 0.f : __expf(delta * a_head);
+    // What y needs besides state·C, computed while the state update and the reduction are pending,
+    // so that after the last shuffle only one multiply-add and the store remain.
+    const float skip = D * cur.x;
+    const float gate = p.has_z ? silu(cur.z) : 1.f;
+    const float delta2 = delta * kLog2e;  // exp(Δ·a) = 2^(Δ·log2e·a): one multiply on the critical path
+    const float dA_head = kMamba1 ? 0.f : exp2_ftz(delta2 * a_head);
     float part[kVec];  // per-vector-slot partial sums: kVec independent chains, not one
 #pragma unroll
     for (int v = 0; v < kVec; ++v) part[v] = 0.f;
@@ -174,14 +191,19 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(const ScanParams
     for (int c = 0; c < kChunks; ++c) {
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
-        const float dA = kMamba1 ? __expf(delta * a[c][v]) : dA_head;
+        const float dA = kMamba1 ? exp2_ftz(delta2 * a[c][v]) : dA_head;
         s[c][v] = dA * s[c][v] + dx * cur.B[c][v];
         part[v] += s[c][v] * cur.C[c][v];
       }
     }
-    float acc = part[0];
+    float acc;
+    if constexpr (kVec == 4) {
+      acc = (part[0] + part[1]) + (part[2] + part[3]);  // a tree: two dependent adds, not three
+    } else {
+      acc = part[0];
 #pragma unroll
-    for (int v = 1; v < kVec; ++v) acc += part[v];
+      for (int v = 1; v < kVec; ++v) acc += part[v];
+    }
     if (t + 1 == T && row_ok) {  // the final state leaves before the reduction, overlapping it
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
@@ -194,9 +216,7 @@ __global__ void __launch_bounds__(kBlock) selective_scan_kernel(const ScanParams
     }
 
     if (lane == 0 && row_ok) {
-      float out = acc + (p.has_D ? D : 0.f) * cur.x;
-      if (p.has_z) out *= silu(cur.z);
-      y[(b * T + t) * R + ri] = from_float<TA>(out);
+      y[(b * T + t) * R + ri] = from_float<TA>((acc + skip) * gate);
     }
     if constexpr (!kDecode) {
       if (t + 1 < T) cur = next;
@@ -249,11 +269,24 @@ template <typename TA, typename TW, int kVec, int kChunks, bool kMamba1>
 void launch_scan(const ScanParams &p, int batch, bool decode, cudaStream_t stream) {
   const int64_t lanes = int64_t(kMamba1 ? p.n_heads : p.head_dim) << p.log2_tpr;
   const dim3 grid = kMamba1 ? dim3(blocks_for(lanes), batch) : dim3(blocks_for(lanes), p.n_heads, batch);
-  if (decode) {
-    selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, true><<<grid, kBlock, 0, stream>>>(p);
-  } else {
-    selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, false><<<grid, kBlock, 0, stream>>>(p);
+  // Several 16-byte chunks per lane means a full warp per row (32 lanes), whatever N. One chunk:
+  // the decode step of the released models (N = 16: 4 lanes, N = 64: 16, N = 128: 32) gets the
+  // lane count at compile time; the other cases (and the scalar path) read it from the parameters.
+  constexpr int kFull = kVec == 4 && kChunks > 1 ? 32 : 0;
+  if (!decode) {
+    selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, false, kFull><<<grid, kBlock, 0, stream>>>(p);
+    return;
   }
+  if constexpr (kVec == 4 && kChunks == 1) {
+    switch (p.log2_tpr) {
+      case 2: selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, true, 4><<<grid, kBlock, 0, stream>>>(p); return;
+      case 3: selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, true, 8><<<grid, kBlock, 0, stream>>>(p); return;
+      case 4: selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, true, 16><<<grid, kBlock, 0, stream>>>(p); return;
+      case 5: selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, true, 32><<<grid, kBlock, 0, stream>>>(p); return;
+      default: break;
+    }
+  }
+  selective_scan_kernel<TA, TW, kVec, kChunks, kMamba1, true, kFull><<<grid, kBlock, 0, stream>>>(p);
 }
 
 template <typename TA, typename TW, int kVec, int kChunks>
