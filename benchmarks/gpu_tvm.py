@@ -4,6 +4,8 @@ Two halves, because the GPU machine cannot take TVM's compiler:
 
   python benchmarks/gpu_tvm.py build OUT [--arch sm_90]    # here: weightless tvm-cuda artifacts + runtime
   python3 benchmarks/gpu_tvm.py run OUT [--peers]          # there: weights packed from a seed, checked, timed
+  python3 benchmarks/gpu_tvm.py weights OUT --dest DIR     # there: DIR/<model>.em, complete artifacts
+                                                           # (the same seeded weights) for `edgemamba bench`
 
 --peers runs OUT/gpu_peers.py (a copy of ../shared/anchors/gpu_peers.py, with mamba_ssm's source
 unpacked beside it as its README says) for the same models in the same run.
@@ -287,18 +289,41 @@ def _graph_decode_ms(be, n_tokens: int, torch, tvm_ffi) -> float:
     return float(np.median(times))
 
 
+def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> None:
+    """Complete artifacts: each weightless library of OUT copied to DEST with weights.bin packed from
+    the seeded random weights `run` uses, and the manifest's weight index and checksum."""
+    from edgemamba.artifact import MANIFEST, sha256_file
+    from edgemamba.runtimes.tvm import WEIGHTS, pack_weights, write_packed
+
+    for name in models:
+        t = time.perf_counter()
+        art = dest / f"{name}.em"
+        shutil.copytree(out / f"{name}.em", art, dirs_exist_ok=True)
+        manifest = json.loads((art / MANIFEST).read_text())
+        packed = pack_weights(MODELS[name], random_weights(MODELS[name], seed), manifest["precision"])
+        manifest["tvm"]["params"] = write_packed(packed, art / WEIGHTS)
+        manifest["files"][WEIGHTS] = {"sha256": sha256_file(art / WEIGHTS), "bytes": (art / WEIGHTS).stat().st_size}
+        (art / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        print(f"{art}: weights written in {time.perf_counter() - t:.0f} s")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["build", "run"])
+    p.add_argument("mode", choices=["build", "run", "weights"])
     p.add_argument("out", type=Path)
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--peers", action="store_true", help="also run mamba_ssm's decoder (needs MAMBA_SSM_SRC)")
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--dest", type=Path, help="weights: where the complete artifacts go")
     a = p.parse_args()
     models = a.models.split(",")
     if a.mode == "build":
         build(a.out, a.arch, models)
+    elif a.mode == "weights":
+        if a.dest is None:
+            p.error("weights needs --dest DIR")
+        with_weights(a.out, a.dest, models)
     else:
         run(a.out, models, a.peers, a.tokens)
 

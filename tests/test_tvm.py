@@ -380,3 +380,36 @@ def test_aarch64_artifact_under_qemu(tmp_path, hf_dirs):
     assert_logits_close(got, full[0, 7:], rel=1e-4)
     assert json.loads((art.path / "manifest.json").read_text())["target"] == "tvm-aarch64"
     assert load_artifact(art.path).target == "tvm-aarch64"
+
+
+# ---------------------------------------------------------------------------------------------
+# devices: the latency prediction counts the kernels the step really launches
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [M1, M2], ids=["mamba1", "mamba2"])
+def test_prediction_counts_the_kernels_of_the_tvm_cuda_step(spec):
+    from edgemamba.devices.predict import workload
+    from edgemamba.kernels.tvm_build import TARGETS
+    from edgemamba.kernels.tvm_model import build_module
+
+    mod = build_module(spec, "fp16", True, TARGETS["tvm-cuda"].make("sm_90"), (1,))
+    launched = mod["step_1"].script().count("R.call_tir")  # call_tir and call_tir_inplace: one kernel each
+    assert launched == workload(spec, "tvm-cuda", "fp16").step_launches
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_bench_predicts_a_tvm_cuda_artifact_without_a_gpu(tmp_path):
+    from click.testing import CliRunner
+
+    from edgemamba.cli import main
+    from edgemamba.devices.profiles import get_profile
+    from edgemamba.kernels.tvm_build import compile_tvm_library
+
+    compile_tvm_library(M1, tmp_path / "m.em", "tvm-cuda", "fp16", arch="sm_90", batches=(1,))
+    r = CliRunner().invoke(main, ["bench", str(tmp_path / "m.em"), "--predict", "h100-sxm-80gb", "--no-measure",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    pred = json.loads(r.output)["prediction"]
+    cost = get_profile("h100-sxm-80gb").cost("tvm-cuda")
+    launches = 4 * M1.n_layer + 2  # the step's kernels: 4 a Mamba-1 layer, the embedding, the lm_head
+    overhead = launches * cost.launch_s.value + cost.call_s.value
+    assert pred["decode_overhead_ms"] == pytest.approx(1e3 * overhead, rel=1e-6)

@@ -178,10 +178,13 @@ def bench_contexts(artifact_path, contexts: str | None, plot: str | None, tokens
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    rows = [["context", "decode p50 ms", "p90 ms", "prefill tok/s", "RSS MiB", "state MiB", "Transformer KV MiB"]]
+    gpu = all(p.get("gpu_memory_bytes") for p in result["points"])
+    rows = [["context", "decode p50 ms", "p90 ms", "prefill tok/s", "RSS MiB", *(["GPU MiB"] if gpu else []),
+             "state MiB", "Transformer KV MiB"]]
     for p in result["points"]:
         rows.append([str(p["context"]), f"{p['decode_ms_p50']:.2f}", f"{p['decode_ms_p90']:.2f}",
                      f"{p['prefill_tokens_per_s']:.0f}", f"{p['rss_bytes'] / 2**20:.0f}",
+                     *([f"{p['gpu_memory_bytes'] / 2**20:.0f}"] if gpu else []),
                      f"{p['state_bytes'] / 2**20:.2f}", f"{p['transformer_kv_bytes'] / 2**20:.1f}"])
     click.echo(_table(rows))
     click.echo(f"Transformer: {result['transformer']['description']}")

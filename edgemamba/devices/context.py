@@ -2,12 +2,13 @@
 
 `context_sweep` measures an artifact on this machine: for each context length N it prefills N
 tokens into a fresh state, then times decode steps (p50/p90) and reads the process's resident
-memory. The comparison is a GPT-class Transformer of the same parameter class: the same d_model
-and half the layers (one attention + MLP block, ~12·d_model² parameters, matches two Mamba blocks
-of ~6·d_model² each); for mamba-130m that is the GPT-Neo-125M / Pythia-160M shape (768 × 12).
-Its KV cache grows as 2 (K and V) · layers · d_model · bytes per element per token, and its
-per-token latency is drawn from the measured Mamba latency scaled by the bytes each streams per
-token (weights, plus the KV cache for the Transformer): both decode steps are bandwidth-bound.
+memory, and for GPU targets the GPU memory in use. The comparison is a GPT-class Transformer of
+the same parameter class: the same d_model and half the layers (one attention + MLP block,
+~12·d_model² parameters, matches two Mamba blocks of ~6·d_model² each); for mamba-130m that is
+the GPT-Neo-125M / Pythia-160M shape (768 × 12). Its KV cache grows as 2 (K and V) · layers ·
+d_model · bytes per element per token, and its per-token latency is drawn from the measured Mamba
+latency scaled by the bytes each streams per token (weights, plus the KV cache for the
+Transformer): both decode steps are bandwidth-bound.
 
 `plot_context` draws only what the result dict holds, so the JSON written beside the PNG is the
 plot's data.
@@ -51,15 +52,34 @@ def kv_cache_bytes(shape: dict, context: int, bytes_per_element: int) -> int:
     return 2 * shape["n_layer"] * shape["d_model"] * context * bytes_per_element
 
 
+def gpu_memory_in_use() -> int | None:
+    """Bytes in use on CUDA device 0 (cudaMemGetInfo: total - free, every process and the CUDA
+    context included); None where no CUDA runtime is loaded."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+            return None
+        return int(total.value - free.value)
+    return None
+
+
 def context_sweep(artifact, contexts: list[int], *, tokens: int = 64, threads: int | None = None,
                   progress: bool = False, seed: int = 0) -> dict:
     import psutil
 
     from edgemamba.devices.fit import weight_bytes
+    from edgemamba.devices.profiles import target_cost
     from edgemamba.session import Session
 
     session = Session(artifact, threads=threads)
     spec = session.spec
+    on_gpu = target_cost(session.artifact.target).processor == "gpu"
     rng = np.random.default_rng(seed)
     process = psutil.Process()
     points = []
@@ -80,6 +100,8 @@ def context_sweep(artifact, contexts: list[int], *, tokens: int = 64, threads: i
         points.append({"context": n, "decode_ms_p50": float(np.median(ms)), "decode_ms_p90": float(np.percentile(ms, 90)),
                        "prefill_tokens_per_s": n / prefill_s, "rss_bytes": int(process.memory_info().rss),
                        "state_bytes": spec.state_bytes(1)})
+        if on_gpu:  # the weights and the state live in GPU memory
+            points[-1]["gpu_memory_bytes"] = gpu_memory_in_use()
         if progress:
             print(f"context {n:>8}: decode p50 {points[-1]['decode_ms_p50']:.2f} ms/token, "
                   f"prefill {points[-1]['prefill_tokens_per_s']:.0f} tokens/s", file=sys.stderr)
@@ -132,6 +154,9 @@ def plot_context(result: dict, path) -> object:
             title="Per-token latency")
     lat.set_ylim(bottom=0)
     mem.plot(x, [p["rss_bytes"] / 2**20 for p in pts], "o-", label="Mamba process RSS, measured")
+    if all(p.get("gpu_memory_bytes") for p in pts):
+        mem.plot(x, [p["gpu_memory_bytes"] / 2**20 for p in pts], "o-", color="C1",
+                 label="GPU memory in use, measured (CUDA context included)")
     mem.plot(x, [p["state_bytes"] / 2**20 for p in pts], "o--", color="C2", label="Mamba state (fp32, exact)")
     mem.plot(x, [p["transformer_kv_bytes"] / 2**20 for p in pts], "s--", color="C3",
              label=f"Transformer KV cache ({tf['kv_bytes_per_element']} B/elem, formula)")

@@ -99,6 +99,8 @@ def artifact_workload(artifact) -> Workload:
     weights = sum(info["bytes"] for name, info in files.items() if name.endswith(WEIGHT_FILE_SUFFIXES)) or None
     launches = {}
     for kind in ("step", "prefill"):
+        if kind not in artifact.manifest["graphs"]:  # a compiled library (tvm-*): the target's kernel counts
+            continue
         path = artifact.file(kind)
         if path.suffix == ".onnx" and path.exists():
             launches[kind] = _graph_launches(path)

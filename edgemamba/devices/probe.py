@@ -276,11 +276,146 @@ def probe_gpu() -> Processor | None:
     )
 
 
+# ---- a CUDA GPU's per-kernel and per-call costs (the tvm-cuda and tensorrt targets) ----------------
+GPU_LOGITS = 50280  # floats read back per call: the GPT-NeoX vocabulary of the released Mamba checkpoints
+
+
+def _kernels_per_call(torch, fn) -> int:
+    """GPU kernels one call of fn launches (cuBLAS may split a product in two), from torch's profiler."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return max(1, sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
+    except Exception:  # noqa: BLE001 (a profiler that cannot run here: one kernel a call)
+        return 1
+
+
+def _cudart():
+    """The CUDA runtime torch loaded (what the runtimes call for copies and graph launches)."""
+    import ctypes
+
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return lib
+    return None
+
+
+def measure_gpu_costs(copy_bandwidth: float) -> dict[str, Figure]:
+    """The GPU targets' per-kernel and per-call costs, from torch micro-graphs (never a model):
+
+    launch_s   CUDA graphs of cuBLAS fp16 matrix-vector products (torch.mv), each over its own
+               matrix, the whole chain at least 3x the L2 cache so the weights stream from memory as
+               a decode step's do, at two sizes: per product t = kernels · launch_s + bytes / bandwidth,
+               solved for both. launch_s is what a small matrix-vector kernel costs in graph replay
+               beyond its bytes (node launch, the memory round trip, the reduction, the drain): the
+               floor of every decode kernel. (The bandwidth found is cuBLAS's, reported in the source
+               text; how fast a target's own kernels stream stays the target's figure.)
+    call_s     one host call of a step as the runtimes make it (CUDA runtime calls): 4 bytes of ids
+               up, a one-kernel graph replay, GPU_LOGITS float32 logits down into pageable host
+               memory (cudaMemcpy, which waits for the graph).
+    """
+    import ctypes
+
+    import torch
+
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * MiB) or 50 * MiB
+
+    def per_replay(graph, replays: int = 20) -> float:
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3 / replays)
+        return float(np.median(times))
+
+    def gemv_chain(rows: int, cols: int) -> tuple[float, int, int]:
+        """(seconds per product, bytes, kernels per product) of a graph of matrix-vector products over
+        distinct (rows, cols) fp16 matrices."""
+        count = max(8, -(-3 * l2 // (rows * cols * 2)))
+        mats = [torch.full((rows, cols), 1e-3, dtype=torch.float16, device="cuda") for _ in range(count)]
+        x = torch.ones(cols, dtype=torch.float16, device="cuda")
+        y = torch.empty(rows, dtype=torch.float16, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS picks and loads its kernel
+            torch.mv(mats[0], x, out=y)
+        torch.cuda.current_stream().wait_stream(side)
+        kernels = _kernels_per_call(torch, lambda: torch.mv(mats[-1], x, out=y))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for m in mats:
+                torch.mv(m, x, out=y)
+        t = per_replay(graph) / count
+        graph.reset()
+        mats.clear()  # (not del: the profiled lambda above closes over the name)
+        torch.cuda.empty_cache()
+        return t, rows * cols * 2, kernels
+
+    # ~ a 130m-class projection (1.5 MiB) and a 1.4b-class one (in_proj, 32 MiB)
+    (t_s, b_s, k_s), (t_l, b_l, k_l) = gemv_chain(1024, 768), gemv_chain(8192, 2048)
+    # t = k·launch + b/bw at both sizes: two equations, two unknowns
+    det = k_s * b_l - k_l * b_s
+    inv_bw = (k_s * t_l - k_l * t_s) / det
+    launch = max(0.0, (t_s * b_l - t_l * b_s) / det)
+    gemv_bw = 1.0 / inv_bw if inv_bw > 0 else copy_bandwidth
+
+    ids_host, ids = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32, device="cuda")
+    logits = torch.zeros((1, GPU_LOGITS), dtype=torch.float32, device="cuda")
+    logits_host = np.empty((1, GPU_LOGITS), np.float32)  # pageable, as the runtimes' NumPy arrays
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits.add_(1.0)
+    torch.cuda.synchronize()
+    rt = _cudart()
+    if rt is not None:
+        host_ids = ctypes.c_void_p(ids_host.data_ptr())
+        dev_ids, dev_logits = ctypes.c_void_p(ids.data_ptr()), ctypes.c_void_p(logits.data_ptr())
+        host_logits = ctypes.c_void_p(logits_host.ctypes.data)
+
+        def call():
+            rt.cudaMemcpy(dev_ids, host_ids, 4, 1)  # host to device
+            graph.replay()
+            rt.cudaMemcpy(host_logits, dev_logits, logits_host.nbytes, 2)  # device to host: waits for the graph
+        how_call = "CUDA runtime copies"
+    else:
+        def call():
+            ids.copy_(ids_host)
+            graph.replay()
+            logits_host[...] = logits.cpu().numpy()
+        how_call = "torch copies"
+    call_s = _median_seconds(call, 200)
+    how = "measured: torch CUDA-graph micro-benchmark"
+    return {
+        "launch_s": Figure(launch, f"{how}: cuBLAS fp16 matrix-vector kernels over distinct matrices (1024x768 and "
+                                   f"8192x2048, {k_s} and {k_l} kernels a product, streamed from memory at "
+                                   f"{gemv_bw / 1e9:.0f} GB/s; copy {copy_bandwidth / 1e9:.0f}), per kernel beyond "
+                                   "its bytes"),
+        "call_s": Figure(call_s, f"{how}: ids up, one-kernel graph replay, {GPU_LOGITS} float32 logits down "
+                                 f"({how_call})"),
+    }
+
+
 def probe(*, gpu: bool = True, threads: int | None = None, costs: bool = True) -> DeviceProfile:
-    """This machine; `costs`: also measure ONNX Runtime's own costs here (a few seconds)."""
+    """This machine; `costs`: also measure ONNX Runtime's and the GPU's own costs here (a few seconds)."""
     cpu = probe_cpu(threads)
     measured = {"ort-cpu": measure_ort_costs(cpu.bandwidth.value, bandwidth_test_bytes(), threads)} if costs else {}
     gpu_proc = probe_gpu() if gpu else None
+    if gpu_proc is not None and costs:
+        gpu_costs = measure_gpu_costs(gpu_proc.bandwidth.value)
+        measured.update({"tvm-cuda": gpu_costs, "tensorrt": dict(gpu_costs)})
     cpu_targets = ("ort-cpu", "tvm-aarch64" if platform.machine() in ("aarch64", "arm64") else "tvm-llvm")
     targets = (("tensorrt", "tvm-cuda") if gpu_proc else ()) + cpu_targets
     return DeviceProfile(

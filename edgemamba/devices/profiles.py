@@ -158,10 +158,25 @@ class TargetCost:
 # (probe.measure_ort_costs). Ranges: the 2-core CI machine and a quiet 16-core Xeon (RESULTS.md).
 _ORT_NOTE = "measured: ONNX Runtime micro-graphs (devices/probe.py measure_ort_costs)"
 _CUDA_LAUNCH = est(3e-6, "one kernel launch from a CUDA graph / TensorRT enqueue, 2-4 µs")
+# GPU per-kernel and per-call costs measured on an H100 SXM (`edgemamba devices --probe` there:
+# probe.measure_gpu_costs, torch micro-graphs, never a model; RESULTS.md issue 9). A probe measures
+# them on the GPU at hand.
+_GPU_MEASURED = "measured on an H100 SXM 80GB, 5 probes (probe.measure_gpu_costs)"
+_GPU_KERNEL = Figure(3.4e-6, f"{_GPU_MEASURED}: 3.2-3.5 µs, a small cuBLAS matrix-vector kernel in CUDA-graph "
+                             "replay beyond its bytes (node launch, memory round trip, reduction, drain)")
+_GPU_CALL = Figure(50e-6, f"{_GPU_MEASURED}: 42-61 µs, one step call from the host: ids up, graph replay, 50k "
+                          "float32 logits down")
+# The TVM step (kernels/tvm_model.py): 4 kernels a Mamba-1 layer (in_proj+conv, x_proj, dt_proj+state
+# update, out_proj+residual), 3 a Mamba-2 layer, plus the embedding and the lm_head.
+_TVM_KERNELS = {"mamba1": 4, "mamba2": 3}
+_TVM_FIXED = 2
+_TVM_GEMV = Figure(0.85, "measured: TVM's own matrix-vector kernels on an H100 (torch profiler, RESULTS.md TVM "
+                         "section) stream 2.2 TB/s (mamba-1.4b in_proj) to 2.8 TB/s (lm_head) against a 2.95 TB/s "
+                         "copy: 0.75-0.94")
 
 # Decode-step launches per layer: ort-cpu counts the exporter's graph nodes (Constant nodes
-# folded away); fused GPU/TVM targets count kernels (norm, in_proj, conv, x_proj, dt_proj,
-# scan update, gate, out_proj, residual).
+# folded away); tensorrt counts its kernels (an estimate: norm, in_proj, conv, x_proj, dt_proj,
+# scan update, gate, out_proj, residual); tvm-* count the TIR kernels of their step.
 TARGET_COSTS: dict[str, TargetCost] = {
     "ort-cpu": TargetCost(
         processor="cpu",
@@ -188,16 +203,15 @@ TARGET_COSTS: dict[str, TargetCost] = {
         runtime_bytes=est(800 * MiB, "CUDA context + TensorRT/cuBLAS kernels resident (about 0.6-1 GiB on Jetson)"),
     ),
     "tvm-cuda": TargetCost(
-        processor="gpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4, launch_s=_CUDA_LAUNCH,
-        call_s=est(30e-6, "packed-function call + stream sync"), scan_step_s=est(0.0, "TIR scan kernel"),
+        processor="gpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED, launch_s=_GPU_KERNEL,
+        call_s=_GPU_CALL, scan_step_s=est(0.0, "TIR scan kernel"),
         state_element_s=est(0.0, "fused: in the roofline"),
-        weight_read_efficiency=est(0.8, "TVM-generated GEMV kernels"),
-        head_read_efficiency=est(0.8, "TVM-generated GEMV kernels"),
+        weight_read_efficiency=_TVM_GEMV, head_read_efficiency=_TVM_GEMV,
         gemm_efficiency=est(0.7, "tuned TVM GEMM against cuBLAS"),
         runtime_bytes=est(400 * MiB, "CUDA context + compiled module"),
     ),
     "tvm-llvm": TargetCost(
-        processor="cpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4,
+        processor="cpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
         launch_s=est(1e-6, "one packed-function call per fused operator"), call_s=est(20e-6, "VM entry + binding"),
         scan_step_s=est(1e-6, "scan loop compiled into one operator"),
         state_element_s=est(0.0, "fused into one vectorized operator: in the roofline"),
@@ -207,7 +221,7 @@ TARGET_COSTS: dict[str, TargetCost] = {
         runtime_bytes=est(64 * MiB, "TVM runtime + compiled library"),
     ),
     "tvm-aarch64": TargetCost(
-        processor="cpu", launches_per_layer={"mamba1": 11, "mamba2": 12}, launches_fixed=4,
+        processor="cpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
         launch_s=est(2e-6, "one packed-function call per fused operator on a Cortex-A core"),
         call_s=est(40e-6, "VM entry + binding on a Cortex-A core"),
         scan_step_s=est(2e-6, "scan loop compiled into one operator"),
