@@ -690,17 +690,21 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
                 for (int c = n0; c < n1; c++) Y[(long)r * ldy + c] += bias[c];
     };
     parallel(pool, job);
-    if (kn && m <= kSmallM) {  // Y = the threads' partial sums (+ bias), a few thousand adds
-        const int nth = pool.n;
-        for (int r = 0; r < m; r++) {
-            float *y = Y + (long)r * ldy;
-            const float *p0 = scratch[0].panel.data() + (long)r * w.n;
-            for (int c = 0; c < w.n; c++) y[c] = p0[c] + (bias ? bias[c] : 0.f);
-            for (int t = 1; t < nth; t++) {
-                const float *pt = scratch[t].panel.data() + (long)r * w.n;
-                for (int c = 0; c < w.n; c++) y[c] += pt[c];
+    if (kn && m <= kSmallM) {  // Y = the threads' partial sums (+ bias), split by columns
+        auto reduce = [&](int tid, int nth) {
+            int c0, c1;
+            split(w.n, 16, tid, nth, &c0, &c1);
+            for (int r = 0; r < m; r++) {
+                float *y = Y + (long)r * ldy;
+                const float *p0 = scratch[0].panel.data() + (long)r * w.n;
+                for (int c = c0; c < c1; c++) y[c] = p0[c] + (bias ? bias[c] : 0.f);
+                for (int t = 1; t < nth; t++) {
+                    const float *pt = scratch[t].panel.data() + (long)r * w.n;
+                    for (int c = c0; c < c1; c++) y[c] += pt[c];
+                }
             }
-        }
+        };
+        parallel(pool, reduce);
     }
 }
 
