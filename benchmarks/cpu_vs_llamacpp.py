@@ -392,6 +392,7 @@ def measure(llama: LlamaCpp, gguf: Path, art: Path | None, threads: int, rounds:
             "prefill512_tps": median([e["prefill_tokens_per_s"] for e in em if e["prefill_tokens"] == 512]),
             "peak_rss_bytes": max(e["time_peak_rss_bytes"] for e in em),
             "model_bytes": em[0]["weight_bytes"],
+            "engine": em[0].get("engine", "ort"),
         }
         a, b = fig["edgemamba"], fig["llama"]
         fig["ratios"] = {"decode": a["decode_ms"] / b["decode_ms"], "prefill16": a["prefill16_tps"] / b["prefill16_tps"],
@@ -591,6 +592,11 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def _engines(run_: Run) -> str:
+    found = sorted({r["figures"]["edgemamba"].get("engine", "ort") for r in run_.rows if "edgemamba" in r["figures"]})
+    return ", ".join(found) or "none yet"
+
+
 def _verdict(ratio: float, bar: float, at_most: bool) -> str:
     ok = ratio <= bar if at_most else ratio >= bar
     shown = f"{ratio:.2f}" if f"{ratio:.2f}" != f"{bar:.2f}" else f"{ratio:.3f}"  # no "1.50 FAIL" against 1.5
@@ -624,7 +630,8 @@ def render(run_: Run) -> str:
         "--outtype f32|f16`, Q8_0 and Q4_0 by `llama-quantize` from the f32 file.",
         f"- edgemamba at git {git_head}" + (" plus uncommitted changes under edgemamba/" if dirty else "") +
         f": `edgemamba compile CKPT --target ort-cpu --precision P -o ART`, then per row `edgemamba bench ART --tokens "
-        f"{args.tokens} --threads T --prompt-len L --repeats {args.llama_reps} --json` for L = 16 and 512.",
+        f"{args.tokens} --threads T --prompt-len L --repeats {args.llama_reps} --json` for L = 16 and 512 "
+        f"(engine: {_engines(run_)}, what `bench` reported).",
         f"- Per row the peers alternate (llama.cpp, edgemamba, ...): rounds {args.rounds} on the rows the bars bind, "
         f"{args.info_rounds} on the others. decode: mean ms/token of each run (llama.cpp: each of its 128-token "
         f"repetitions; edgemamba: each process's {args.tokens} tokens, its per-token p50 in brackets), median over "
