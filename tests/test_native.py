@@ -593,3 +593,12 @@ def test_x86_driver_matches_the_ctypes_engine(precision, built, driver, tmp_path
         assert_close(a, e, 1e-6, f"driver vs ctypes {precision}, op {j}")
     for s in range(6):
         assert_states_close(got.states[-1][s], expected.states[-1][s], 1e-6, f"driver vs ctypes {precision} state {s}")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler here: pip install could not build the engine")
+def test_the_engine_was_built_and_is_the_default(tmp_path, hf_dirs):
+    # Where a compiler exists, `pip install` must have built the engine, and ort-cpu artifacts must
+    # run on it by default: a failed optional build would otherwise fall back to ONNX Runtime silently.
+    assert native_unavailable() is None, native_unavailable()
+    art = compile_artifact(load_checkpoint(hf_dirs("mamba")[1]), tmp_path / "a.em")
+    assert Session(art).engine == "native"
