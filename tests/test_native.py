@@ -399,7 +399,9 @@ def test_batched_steps_equal_single_sequence_runs(kind, precision, built):
         ops += [(STEP, batch, steps[j, :batch]) for j in range(n_steps)]
         run = session_run(session, ops)
         check_run(b, precision, batch, ops, run, f"{kind} {precision} batch {batch}")
-        rel = REL_OP[precision] if precision != "int4" or batch <= SMALL_M else REL_RUN[precision]
+        # Quantized rows of a batch of more than SMALL_M ran on float32 activations: they differ from a
+        # lone run by its activation rounding (int16 per block of 64 for int8: ~1e-4; int8 for int4).
+        rel = REL_OP[precision] if precision not in ("int8", "int4") or batch <= SMALL_M else REL_RUN[precision]
         for s in range(batch):
             what = f"{kind} {precision} batch {batch} row {s} vs alone"
             assert_close(np.stack([x[s] for x in run.logits[batch:]]), alone[s][0], rel, what)

@@ -55,13 +55,13 @@ class Storage:
 
 
 # Mirrors edgemamba's own formats (passes/pipelines.py; tests/test_devices.py checks the two agree):
-# int8 and int4 are MatMulNBits blocks of 32 and 64 with float32 scales, int4 keeps an int8 head;
+# int8 and int4 are MatMulNBits blocks of 64 with float32 scales, int4 keeps an int8 head;
 # W8A8 stores int8 weights (the rotated out_proj too) with a float32 scale and an int8 zero point per
 # output channel, and stores the head that way apart from an int8 gather table in blocks of 128.
 STORAGE: dict[str, Storage] = {
     "fp32": Storage(32),
     "fp16": Storage(16),
-    "int8": Storage(8, 32, 4),
+    "int8": Storage(8, 64, 4),
     "int4": Storage(4, 64, 4, embedding=Storage(8, 64, 4)),
     "w8a8": Storage(8, 0, 5, embedding=Storage(8, 128, 4), head=Storage(8, 0, 5), rotation=True),
 }

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -631,8 +632,19 @@ void panel_rows(const float *X, int ldx, int m, const float *panel, int ldp, int
     }
 }
 
+// Scratch memory left uninitialized, so its pages are touched only when used: a process that only
+// decodes never faults in the rows that prefill chunks use (peak RSS is a bar on small devices).
+struct Buffer {
+    std::unique_ptr<float[]> p;
+    void resize(size_t n) { p.reset(new float[n]); }
+    float *data() { return p.get(); }
+    const float *data() const { return p.get(); }
+    float &operator[](size_t i) { return p[i]; }
+    const float &operator[](size_t i) const { return p[i]; }
+};
+
 struct Scratch {  // per thread: a packed panel and a row buffer (thread 0: quantized activations)
-    std::vector<float> panel, row;
+    Buffer panel, row;
     QuantX qx;
 };
 
@@ -736,7 +748,7 @@ struct em_model {
     int max_rows, conv_dim, in_dim, xdbl_dim;
     Pool pool;
     std::vector<Scratch> scratch;
-    std::vector<float> h, hn, proj, xc, xdbl, dt, y, out;  // (max_rows, width) activations
+    Buffer h, hn, proj, xc, xdbl, dt, y, out;  // (max_rows, width) activations
 
     em_model(int n_threads) : pool(n_threads) {}
 
@@ -994,7 +1006,9 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
     for (auto &s : m->scratch) {
         // a panel (prefill) or a thread's partial sums of a KN layer's outputs (decode)
         const int widest = std::max(in_dim, std::max(c.d_inner, c.d_model));
-        s.panel.resize(std::max((size_t)kmax * 128, (size_t)kSmallM * widest) + 64);
+        size_t panel = (size_t)kSmallM * widest;
+        for (int k : {c.d_model, c.d_inner, std::max(c.dt_rank, 1)}) panel = std::max(panel, (size_t)k * panel_cols(k));
+        s.panel.resize(panel + 64);
         s.row.resize((size_t)8 * kmax + 64);
     }
     const long R = max_rows;
