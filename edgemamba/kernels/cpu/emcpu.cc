@@ -517,6 +517,13 @@ void q_rows(const em_weight &w, int wbits, int act_bits, const QuantX &q, float 
     else small_q<4, 8, M>(w, q, Y, ldy, n0, n1);
 }
 
+// KN formats, outputs [n0, n1) over all weight rows (small layers: no partial sums to add up).
+template <int M>
+void kn_cols(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+    if (w.fmt == EM_F32_KN) small_kn<float, M>((const float *)w.data, 0, w.k, w.n, X, ldx, Y, ldy, n0, n1);
+    else small_kn<uint16_t, M>((const uint16_t *)w.data, 0, w.k, w.n, X, ldx, Y, ldy, n0, n1);
+}
+
 // NK formats: outputs [n0, n1). KN formats: the partial sum over weight rows [n0, n1), all outputs.
 template <int M>
 void small_linear(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
@@ -654,7 +661,10 @@ inline int panel_cols(int k) { return std::max(16, std::min(128, (131072 / std::
 
 void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const float *X, int ldx, int m, float *Y,
             int ldy, const float *bias) {
-    const bool kn = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN, quant = w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK;
+    const bool quant = w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK, kn_all = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN;
+    // Large KN layers split by weight rows (one contiguous stream per thread, partial sums added up
+    // after); small ones (x_proj, dt_proj) by columns, which saves that second job.
+    const bool kn = kn_all && w.k >= 256 && w.n >= 256;
     QuantX &qx = scratch[0].qx;
     const int wbits = w.fmt == EM_Q8_NK ? 8 : 4, act_bits = wbits == 8 || w.act_bits == 16 ? 16 : 8;
     if (quant && m <= kSmallM) quantize_x(X, ldx, m, w.k, w.block, wbits, act_bits, qx);
@@ -664,7 +674,7 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
             // KN: split the weight rows, each thread's partial sums in its scratch, added up below.
             float *out = kn ? scratch[tid].panel.data() : Y;
             const int ldo = kn ? w.n : ldy;
-            split(kn ? w.k : w.n, kn ? 8 : 1, tid, nth, &n0, &n1);
+            split(kn ? w.k : w.n, kn ? 8 : kn_all ? 8 : 1, tid, nth, &n0, &n1);
             if (kn && n0 >= n1) std::fill(out, out + (long)m * w.n, 0.f);
             if (n0 < n1 && quant) {
                 switch (m) {
@@ -672,6 +682,13 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
                 case 2: q_rows<2>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
                 case 3: q_rows<3>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
                 default: q_rows<4>(w, wbits, act_bits, qx, Y, ldy, n0, n1); break;
+                }
+            } else if (n0 < n1 && kn_all && !kn) {
+                switch (m) {
+                case 1: kn_cols<1>(w, X, ldx, Y, ldy, n0, n1); break;
+                case 2: kn_cols<2>(w, X, ldx, Y, ldy, n0, n1); break;
+                case 3: kn_cols<3>(w, X, ldx, Y, ldy, n0, n1); break;
+                default: kn_cols<4>(w, X, ldx, Y, ldy, n0, n1); break;
                 }
             } else if (n0 < n1) {
                 switch (m) {
