@@ -405,12 +405,12 @@ inline int q4_pos(int i) { return (i & 1) * 16 + (i >> 1); }
 void quantize_x(const float *X, int ldx, int m, int k, int bs, int wbits, int act_bits, QuantX &q) {
     const int nb = (k + bs - 1) / bs, kp = nb * bs, zp = wbits == 8 ? 128 : 8;
     const float qmax = act_bits == 16 ? 32767.f : 127.f;
-    const int bits = act_bits == 16 ? 8 : 4;  // below: the storage layout (8: int16, 4: int8 permuted)
     q.nb = nb, q.bs = bs;
     q.scale.resize((size_t)m * nb);
     q.zero.assign((size_t)m * nb * 8, 0);
-    if (bits == 8) q.q16.assign((size_t)m * kp, 0);
+    if (act_bits == 16) q.q16.assign((size_t)m * kp, 0);
     else q.q8.assign((size_t)m * kp, 0);
+    int32_t v[1024];  // one block's codes (blocks are at most 1024, em_create checks)
     for (int r = 0; r < m; r++)
         for (int b = 0; b < nb; b++) {
             const float *x = X + (long)r * ldx + (long)b * bs;
@@ -419,17 +419,22 @@ void quantize_x(const float *X, int ldx, int m, int k, int bs, int wbits, int ac
             for (int j = 0; j < len; j++) amax = std::max(amax, std::fabs(x[j]));
             const float d = amax / qmax, inv = amax > 0.f ? qmax / amax : 0.f;
             q.scale[(size_t)r * nb + b] = d;
+            for (int j = 0; j < len; j++) v[j] = (int32_t)std::nearbyint(x[j] * inv);  // to nearest even, vectorized
+            for (int j = len; j < bs; j++) v[j] = 0;
             int32_t *z = &q.zero[((size_t)r * nb + b) * 8];
-            for (int j = 0; j < len; j++) {
-                const int v = (int)std::lrint(x[j] * inv);
-                if (bits == 8) {  // lane of element j after madd over 16-element groups: (j % 16) / 2
-                    q.q16[(size_t)r * kp + (size_t)b * bs + j] = (int16_t)v;
-                    z[(j % 16) / 2] += zp * v;
-                } else {  // lane after maddubs + madd over a 32-element group: position / 4
-                    const int pos = (j / 32) * 32 + q4_pos(j % 32);
-                    q.q8[(size_t)r * kp + (size_t)b * bs + pos] = (int8_t)v;
-                    z[(pos % 32) / 4] += 8 * v;
-                }
+            if (act_bits == 16) {  // natural order; element j lands in lane (j % 16) / 2 of madd's sums
+                int16_t *dst = q.q16.data() + (size_t)r * kp + (size_t)b * bs;
+                for (int j = 0; j < bs; j++) dst[j] = (int16_t)v[j];
+                for (int j = 0; j < bs; j += 16)
+                    for (int l = 0; l < 8; l++) z[l] += zp * (v[j + 2 * l] + v[j + 2 * l + 1]);
+            } else {  // the 4-bit layout; position p lands in lane (p % 32) / 4 of maddubs + madd
+                int8_t *dst = q.q8.data() + (size_t)r * kp + (size_t)b * bs;
+                for (int j = 0; j < bs; j += 32)
+                    for (int i = 0; i < 32; i++) {
+                        const int pos = q4_pos(i);
+                        dst[j + pos] = (int8_t)v[j + i];
+                        z[pos / 4] += zp * v[j + i];
+                    }
             }
         }
 }
