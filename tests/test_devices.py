@@ -125,6 +125,51 @@ def test_prediction_roofline_and_overhead_on_synthetic_profiles():
     assert p2.prefill_tokens_per_s == pytest.approx(2 * p1.prefill_tokens_per_s, rel=0.05)
 
 
+def _synthetic_gpu(costs: dict[str, float], bandwidth: float = 1e18, ops: float = 1e21) -> DeviceProfile:
+    """A GPU whose rooflines vanish (by default), with the tvm-cuda costs given (seconds)."""
+    def fig(v):
+        return Figure(v, "synthetic")
+
+    gpu = Processor(kind="gpu", name="synthetic", cores=100, memory=fig(80 * GiB), usable_memory=fig(78 * GiB),
+                    bandwidth=fig(bandwidth), bandwidth_efficiency=fig(1.0), peak_ops={"fp16": fig(ops)},
+                    compute_efficiency=fig(1.0))
+    base = _synthetic(1e11, 1e12)
+    return dataclasses.replace(base, gpu=gpu, targets=("tvm-cuda",), precisions=("fp16",),
+                               measured_costs={"tvm-cuda": {k: fig(v) for k, v in costs.items()}})
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_tvm_cuda_prefill_prediction_on_a_synthetic_profile(arch):
+    """tvm-cuda prefill: per chunk its matrix products' K-tile steps, its kernels and the call; per token
+    and layer the scan step. Expected time computed by hand from the spec's sizes."""
+    sizes = {"d_state": 16} if arch == "mamba1" else {"d_state": 64, "n_heads": 32, "head_dim": 64}
+    spec = ModelSpec(arch, d_model=1024, n_layer=6, vocab_size=4096, d_inner=2048, d_conv=4, dt_rank=70, **sizes)
+    costs = {"scan_step_s": 1e-6, "kloop_step_s": 0.5e-6, "launch_s": 3e-6, "chunk_launch_extra_s": 7e-6,
+             "call_s": 50e-6}
+    work = workload(spec, "tvm-cuda", "fp16")
+    # K-tile steps a chunk: in_proj (K = d_model) and out_proj (K = d_inner) in 32-deep tiles; Mamba-1's
+    # x_proj (K = d_inner) and dt_proj (K = dt_rank, 70 -> 5 tiles) in 16-deep ones
+    per_layer = 1024 // 32 + 2048 // 32 + (2048 // 16 + 5 if arch == "mamba1" else 0)
+    assert work.chunk_ksteps == 6 * per_layer
+    kernels = 6 * (7 if arch == "mamba1" else 6) + 3  # the layers' kernels, embedding, last row, lm_head
+    assert work.chunk_launches == kernels
+    chunk_s = 6 * per_layer * 0.5e-6 + kernels * (3e-6 + 7e-6) + 50e-6
+    for tokens, chunks in ((512, 2), (300, 2), (256, 1)):
+        pred = predict(work, _synthetic_gpu(costs), prompt_len=tokens)
+        expected = chunks * chunk_s + tokens * 6 * 1e-6
+        assert pred.prefill_tokens_per_s == pytest.approx(tokens / expected, rel=1e-9)
+    # a slower scan step adds to every token of every layer; the K-loop term is per chunk
+    slower = predict(work, _synthetic_gpu({**costs, "scan_step_s": 2e-6}), prompt_len=512)
+    assert 512 / slower.prefill_tokens_per_s - 512 / pred.prefill_tokens_per_s == pytest.approx(512 * 6 * 1e-6)
+    # where the weights take longer to stream than the K loop, the bandwidth roofline sets the chunk
+    starved = predict(work, _synthetic_gpu(costs, bandwidth=1e9), prompt_len=256)
+    assert 256 / starved.prefill_tokens_per_s == pytest.approx(
+        work.weight_bytes / (1e9 * TARGET_COSTS["tvm-cuda"].weight_read_efficiency.value)
+        + kernels * 10e-6 + 50e-6 + 256 * 6e-6, rel=1e-6)
+    # targets without latency-bound products keep the roofline alone
+    assert workload(spec, "ort-cpu", "fp32").chunk_ksteps == 0
+
+
 def test_artifact_workload_uses_real_file_sizes_and_graph_nodes(tiny_artifact):
     work = artifact_workload(tiny_artifact)
     assert work.weight_bytes == (tiny_artifact.path / "weights.bin").stat().st_size
@@ -178,6 +223,11 @@ def test_cli_devices_probe_and_predict_beside_measurement(tiny_artifact, tmp_pat
     pred = out["prediction"]
     assert out["decode_ms"]["p50"] > 0 and pred["decode_ms"] > 0 and pred["prefill_tokens_per_s"] > 0
     assert pred["error_vs_measured"]["decode"] == pytest.approx(pred["decode_ms"] / out["decode_ms"]["p50"] - 1)
+
+    # --tvm-library: with --probe only, and a tvm-cuda artifact, refused before anything is measured
+    assert run_cli("devices", "--tvm-library", tiny_artifact.path).returncode == 2
+    assert_user_error(run_cli("devices", "--probe", "--tvm-library", tiny_artifact.path),
+                      "--tvm-library needs a tvm-cuda artifact")
 
     r = run_cli("bench", tiny_artifact.path, "--predict", "orin-nano-8gb", "--no-measure")
     assert r.returncode == 0 and "predicted   decode" in r.stdout and "p50" not in r.stdout

@@ -396,6 +396,68 @@ def test_prediction_counts_the_kernels_of_the_tvm_cuda_step(spec):
     assert launched == workload(spec, "tvm-cuda", "fp16").step_launches
 
 
+@pytest.mark.parametrize("spec", [M1, M2], ids=["mamba1", "mamba2"])
+def test_prediction_counts_the_kernels_of_the_tvm_cuda_prefill(spec):
+    from edgemamba.devices.predict import workload
+    from edgemamba.kernels.tvm_build import TARGETS
+    from edgemamba.kernels.tvm_model import build_module
+
+    mod = build_module(spec, "fp16", True, TARGETS["tvm-cuda"].make("sm_90"), (1,))
+    assert mod["prefill"].script().count("R.call_tir") == workload(spec, "tvm-cuda", "fp16").chunk_launches
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
+@pytest.mark.parametrize("spec", [M1, M2, FALCON], ids=["mamba1", "mamba2-dt-limit", "falcon"])
+def test_probe_names_the_prefill_conv_and_scan_as_the_library_does(spec, precision):
+    """`devices --probe --tvm-library` finds a library's conv and scan by name without TVM's compiler:
+    the names must be the kernels' own, and the layout the kernels take must be what it passes."""
+    import torch
+    import tvm_ffi
+
+    from edgemamba.devices.probe import sequential_shape, tvm_prefill_kernel_names, tvm_sequential_kernels
+    from edgemamba.kernels.tvm_common import c_name
+    from edgemamba.kernels.tvm_model import _Builder, _Layer
+
+    layer = _Layer(_Builder(None, True, None), spec, {"fp16": "float16", "fp32": "float32", "int8": "int8"}[precision],
+                   {}, "", None, None)
+    conv = P.ConvChunkSpec(spec.in_proj_dim, layer.conv_lo, layer.conv_lo + spec.conv_dim, spec.d_conv,
+                           spec.use_conv_bias)
+    scan = P.ScanSpec(spec, layer.act if spec.arch == "mamba1" else "float32")  # as tvm_model._prefill_layer
+    names = tvm_prefill_kernel_names(spec, precision)
+    assert (names["conv"], names["scan"], names["y"]) == (c_name(conv.name()), c_name(scan.name()), scan.y_dtype)
+
+    # the probe's buffers, as it passes them, through the kernels (CPU builds) against the references
+    shape, t = sequential_shape(spec), 6
+    lib = tvm.compile(tvm.IRModule({f.attrs["global_symbol"]: f for f in (P.conv_chunk_kernel(conv, False),
+                                                                          P.scan_kernel(scan, False))}),
+                      target=cpu_target())
+    g = torch.Generator().manual_seed(0)
+    e, n, h = shape["e"], shape["n"], shape["heads"]
+    b = {"proj": torch.randn(t, shape["cols"], generator=g), "conv_w": torch.randn(shape["conv"], 4, generator=g),
+         "conv_b": torch.randn(shape["conv"], generator=g), "conv_state": torch.randn(shape["conv"], 3, generator=g),
+         "ssm_state": torch.randn(e * n, generator=g), "y": torch.empty(t, e, dtype=getattr(torch, names["y"]))}
+    if spec.arch == "mamba1":
+        b |= {"dbc": torch.randn(t, shape["r"] + 2 * n, generator=g), "dt": torch.randn(t, e, generator=g),
+              "dt_bias": torch.randn(e, generator=g), "A": -torch.rand(e * n, generator=g),
+              "D": torch.randn(e, generator=g)}
+    else:
+        b |= {"dt_bias": torch.randn(h, generator=g), "A": -torch.rand(h, generator=g),
+              "D": torch.randn(h, generator=g)}
+    ref = {k: v.numpy().copy() for k, v in b.items() if v.dtype == torch.float32}
+    conv_fn, scan_fn = tvm_sequential_kernels(lib.mod, names, shape, tvm_ffi)
+    conv_fn(b, t)
+    scan_fn(b, t)
+    conv_state = ref["conv_state"].reshape(1, -1, 3)
+    P.conv_chunk_reference(conv, ref["proj"], ref["conv_w"], conv_state, ref["conv_b"] if spec.use_conv_bias else None)
+    ssm_state = ref["ssm_state"].reshape(spec.ssm_state_shape(1))
+    A = ref["A"].reshape(e, n) if spec.arch == "mamba1" else ref["A"]
+    kw = {"dbc": ref["dbc"], "dt": ref["dt"]} if spec.arch == "mamba1" else {}
+    y = P.scan_reference(scan, ref["proj"], ssm_state, dt_bias=ref["dt_bias"], A=A, D=ref["D"], **kw)
+    assert _rel(b["proj"].numpy(), ref["proj"]) < 1e-5 and _rel(b["conv_state"].numpy(), conv_state[0]) < 1e-5
+    assert _rel(b["ssm_state"].numpy(), ssm_state.ravel()) < 1e-4
+    assert _rel(b["y"].float().numpy(), y.astype(np.float32)) < (2e-3 if names["y"] == "float16" else 1e-4)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_bench_predicts_a_tvm_cuda_artifact_without_a_gpu(tmp_path):
     from click.testing import CliRunner

@@ -78,7 +78,10 @@ def describe_profile(p: DeviceProfile) -> str:
 @click.argument("name", required=False)
 @click.option("--probe", "do_probe", is_flag=True, help="Describe this machine, with quick measurements.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (a profile --predict accepts).")
-def devices_cmd(name, do_probe, as_json):
+@click.option("--tvm-library", type=click.Path(exists=True, file_okay=False), metavar="ARTIFACT",
+              help="With --probe on a GPU: time this tvm-cuda artifact's prefill conv and scan kernels alone for "
+                   "tvm-cuda's scan step (any library built for this GPU; weights not needed).")
+def devices_cmd(name, do_probe, as_json, tvm_library):
     """List device profiles, describe one with the source of every figure, or probe this machine.
 
     Figures marked ~ are estimates; the others come from vendor datasheets or measurement.
@@ -88,12 +91,17 @@ def devices_cmd(name, do_probe, as_json):
       edgemamba devices
       edgemamba devices orin-nano-8gb
       edgemamba devices --probe --json > this.json
+      edgemamba devices --probe --tvm-library model.em --json > this.json
       edgemamba bench model.em --predict this.json
     """
     if do_probe and name:
         raise click.UsageError("give a device NAME or --probe, not both")
+    if tvm_library and not do_probe:
+        raise click.UsageError("--tvm-library goes with --probe")
     if do_probe or name:
-        profile = resolve_profile("this") if do_probe else resolve_profile(name)
+        from edgemamba.devices.probe import probe
+
+        profile = probe(tvm_library=tvm_library) if do_probe else resolve_profile(name)
         click.echo(json.dumps(profile.to_dict(), indent=2) if as_json else describe_profile(profile))
         return
     if as_json:

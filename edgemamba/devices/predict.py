@@ -4,16 +4,20 @@ A roofline plus the target's overheads:
 
     decode step    max(body bytes / bw + head bytes / bw_head, ops / peak)
                    + launches · launch_s + call_s + n_layer · state_elements · state_element_s
-    prefill chunk  max(weight bytes / bw, (T · token ops + head ops) / peak)
-                   + launches · launch_s + call_s + T · n_layer · (scan_step_s + state_elements · state_element_s)
+    prefill chunk  max(weight bytes / bw, (T · token ops + head ops) / peak, K-tile steps · kloop_step_s)
+                   + launches · (launch_s + chunk_launch_extra_s) + call_s
+                   + T · n_layer · (scan_step_s + state_elements · state_element_s)
 
 bw and peak are what the processor achieves (datasheet peak × efficiency, or a measurement from
 `edgemamba devices --probe`) times the target's own efficiency; body bytes are what one decode step
 streams besides the head: every layer weight once and the state read and written; the head (the
 tied embedding, or lm_head) is read whole once per step, and an untied embedding only one row. The
 state_element terms are for targets that run the recurrence as separate elementwise nodes (ONNX
-Runtime); fused targets have them in the roofline. The workload comes from the ModelSpec at a
-precision, or from an artifact's real weight files and graphs.
+Runtime); fused targets have them in the roofline. scan_step_s is a scan that walks the chunk token by
+token (ONNX Scan iterations; tvm-cuda's conv and scan kernels). Products whose K loop bounds them at
+chunk sizes (a target's kloop_tiles: tvm-cuda's one wave of tiles) take their K-tile steps whatever T
+is. The workload comes from the ModelSpec at a precision, or from an artifact's real weight files and
+graphs.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Workload:
     head_ops: float  # the head, once per decode step and per prefill chunk
     step_launches: int  # graph nodes / kernels per decode step
     chunk_launches: int  # graph nodes / kernels per prefill chunk, the scan loop excluded
+    chunk_ksteps: int = 0  # K-tile steps of the prefill's latency-bound products a chunk (the target's kloop_tiles)
 
     @property
     def step_bytes(self) -> int:
@@ -62,6 +67,15 @@ def _token_ops(spec: ModelSpec) -> float:
     return 2.0 * mats + spec.n_layer * per_layer
 
 
+def kloop_steps(spec: ModelSpec, tiles: dict[str, int]) -> int:
+    """K-tile steps of a prefill chunk's products: ceil(K / depth) for each layer weight named in
+    `tiles` (K: the weight's last axis, as torch stores W (N, K)), over all layers."""
+    shapes = spec.weight_shapes()
+    per_layer = sum(-(-shapes[f"layers.0.{name}"][-1] // depth) for name, depth in tiles.items()
+                    if f"layers.0.{name}" in shapes)
+    return spec.n_layer * per_layer
+
+
 def workload(spec: ModelSpec, target: str, precision: str, *, weights: int | None = None,
              step_launches: int | None = None, chunk_launches: int | None = None) -> Workload:
     """From the spec at `precision`; `weights` (real weight-file bytes) and the launch counts of
@@ -74,13 +88,15 @@ def workload(spec: ModelSpec, target: str, precision: str, *, weights: int | Non
     table = st.tables_bytes(spec) - head  # an embedding stored apart from the head (0: one table serves both)
     unread = max(0, table - st.embedding_bytes(1, spec.d_model))  # a step gathers one row of it
     default = cost.launches_per_layer[spec.arch] * spec.n_layer + cost.launches_fixed
+    default_chunk = cost.chunk_launches_per_layer[spec.arch] * spec.n_layer + cost.chunk_launches_fixed
     return Workload(
         target=target, precision=precision, n_layer=spec.n_layer, state_elements=spec.d_inner * spec.d_state,
         weight_bytes=int(estimated * scale), head_bytes=int(head * scale),
         body_bytes=int((estimated - head - unread) * scale) + 2 * spec.state_bytes(1),
         token_ops=_token_ops(spec), head_ops=2.0 * spec.vocab_size * spec.d_model,
         step_launches=default if step_launches is None else step_launches,
-        chunk_launches=default if chunk_launches is None else chunk_launches,
+        chunk_launches=default_chunk if chunk_launches is None else chunk_launches,
+        chunk_ksteps=kloop_steps(spec, cost.kloop_tiles),
     )
 
 
@@ -142,12 +158,14 @@ def predict(work: Workload, profile: DeviceProfile, *, prompt_len: int = 512, ch
     overhead_s = work.step_launches * cost.launch_s.value + cost.call_s.value + state_s
 
     scan_s = work.n_layer * cost.scan_step_s.value + state_s  # per prefill token
+    kloop_s = work.chunk_ksteps * cost.kloop_step_s.value  # per chunk, whatever its length
+    chunk_launch_s = cost.launch_s.value + cost.chunk_launch_extra_s.value
     prefill_s = 0.0
     for start in range(0, prompt_len, chunk):  # the Session feeds the prompt in chunks
         t = min(chunk, prompt_len - start)
         roof = max((work.weight_bytes - work.head_bytes) / bandwidth + work.head_bytes / head_bandwidth,
-                   (t * work.token_ops + work.head_ops) / ops)
-        prefill_s += roof + work.chunk_launches * cost.launch_s.value + cost.call_s.value + t * scan_s
+                   (t * work.token_ops + work.head_ops) / ops, kloop_s)
+        prefill_s += roof + work.chunk_launches * chunk_launch_s + cost.call_s.value + t * scan_s
     return Prediction(
         device=profile.name, target=work.target, precision=work.precision,
         decode_ms=1e3 * (max(memory_s, compute_s) + overhead_s),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemamba.devices.profiles import GiB, MiB, DeviceProfile, Figure, Processor, est
+from edgemamba.errors import EdgeMambaError
 
 PROBE_NAME = "this"
 
@@ -408,14 +409,180 @@ def measure_gpu_costs(copy_bandwidth: float) -> dict[str, Figure]:
     }
 
 
-def probe(*, gpu: bool = True, threads: int | None = None, costs: bool = True) -> DeviceProfile:
-    """This machine; `costs`: also measure ONNX Runtime's and the GPU's own costs here (a few seconds)."""
+# ---- the tvm-cuda prefill's token-sequential kernels ---------------------------------------------
+def sequential_shape(spec) -> dict:
+    """What the token-sequential kernels of a spec's tvm-cuda prefill work on: proj (t, cols) with the
+    conv channels at [lo, lo + conv), Mamba-1's dbc (t, r + 2n) and dt (t, e); y's dtype per precision."""
+    e, n = spec.d_inner, spec.d_state
+    s = {"arch": spec.arch, "e": e, "n": n, "conv": spec.conv_dim, "cols": spec.in_proj_dim,
+         "lo": 0 if spec.arch == "mamba1" else e, "r": spec.dt_rank if spec.arch == "mamba1" else 0,
+         "heads": spec.n_heads or 1, "head_dim": spec.head_dim or 1, "groups": spec.n_groups,
+         "conv_bias": spec.use_conv_bias}
+    per_lane = 4 if spec.arch == "mamba1" else 8  # tvm_prefill.ScanSpec.lanes on a GPU
+    s["lanes"] = max(1, min(32, n // per_lane)) if n % per_lane == 0 else 1
+    return s
+
+
+def tvm_prefill_kernel_names(spec, precision: str) -> dict[str, str]:
+    """The global symbols of a tvm-cuda library's prefill conv and scan (tvm_prefill.ConvChunkSpec.name,
+    ScanSpec.name through tvm_common.c_name), derived without TVM's compiler; y is fp16 where the
+    prefill's products take fp16 inputs (Mamba-1 at fp16 or int8), else float32."""
+    import re
+
+    s = sequential_shape(spec)
+    bias = "_bias" if spec.use_conv_bias else ""
+    conv = f"conv_chunk_{s['cols']}_c{s['lo']}-{s['lo'] + s['conv']}k{spec.d_conv}{bias}"
+    dims = (f"{spec.d_inner}x{spec.d_state}r{spec.dt_rank}" if spec.arch == "mamba1"
+            else f"h{spec.n_heads}p{spec.head_dim}n{spec.d_state}g{spec.n_groups}")
+    lo, hi = spec.dt_limit
+    lim = "" if (lo, hi) == (0.0, np.inf) else f"_lim{lo:g}-{hi:g}"
+    y = "float16" if spec.arch == "mamba1" and precision in ("fp16", "int8") else "float32"
+    return {name: re.sub(r"[^0-9A-Za-z_]", "_", sym)
+            for name, sym in (("conv", conv), ("scan", f"scan_{spec.arch}_{dims}{lim}_{y}"), ("y", y))}
+
+
+def measure_sequential_kernels(torch, shape: dict, kernels, lengths: tuple[int, int] = (64, 256),
+                               y_dtype: str = "float16") -> dict[str, float]:
+    """Seconds per token of a prefill layer's conv and scan, `kernels` = (conv, scan): callables
+    (buffers, t) that launch them on torch's stream over the first t rows of the buffers. As a
+    prefill runs them: each call's inputs written just before by another kernel (as in_proj, x_proj
+    and dt_proj leave them), random values. Three launch sequences, [writes], [writes, conv],
+    [writes, conv, scan], timed at two chunk lengths, interleaved, after 100 ms of warm-up (clocks
+    up): the differences give each kernel, the slope the cost of a token."""
+    s = shape
+    e, n, heads, conv, cols = s["e"], s["n"], s["heads"], s["conv"], s["cols"]
+    t_max = max(lengths)
+    f32 = {"device": "cuda", "dtype": torch.float32}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*size, scale=1.0, shift=0.0):
+        return torch.randn(*size, generator=gen, **f32) * scale + shift
+
+    # what the earlier kernels of a layer write: proj (in_proj), dbc (x_proj), dt (dt_proj); and the layer's own
+    proj_in = rand(t_max, cols, scale=0.5)
+    if s["arch"] == "mamba2":
+        proj_in[:, e + conv:] = rand(t_max, heads, scale=0.5, shift=-2.0)  # dt before bias and softplus
+    b = {"proj": torch.empty(t_max, cols, **f32), "conv_w": rand(conv, 4, scale=0.3), "conv_b": rand(conv, scale=0.1),
+         "conv_state": torch.zeros(conv, 3, **f32), "ssm_state": torch.zeros(e * n, **f32),
+         "y": torch.empty((t_max, e), dtype=getattr(torch, y_dtype), device="cuda")}
+    written = [(b["proj"], proj_in)]
+    if s["arch"] == "mamba1":
+        b |= {"dbc": torch.empty(t_max, s["r"] + 2 * n, **f32), "dt": torch.empty(t_max, e, **f32),
+              "dt_bias": rand(e, scale=0.5, shift=-4.0), "A": -torch.arange(1, n + 1, **f32).repeat(e),
+              "D": torch.ones(e, **f32)}
+        written += [(b["dbc"], rand(t_max, s["r"] + 2 * n, scale=0.5)), (b["dt"], rand(t_max, e, scale=0.5))]
+    else:
+        b |= {"dt_bias": rand(heads, scale=0.5, shift=-2.0), "A": -torch.linspace(1, 16, heads, **f32),
+              "D": torch.ones(heads, **f32)}
+
+    def run(t: int, depth: int) -> None:  # depth 0: the writes; 1: + conv; 2: + scan
+        for dst, src in written:
+            torch.mul(src[:t], 1.0, out=dst[:t])  # an elementwise kernel writes the inputs, as a matmul would
+        for kernel in kernels[:depth]:
+            kernel(b, t)
+
+    def timed(t: int, depth: int, repeats: int = 10) -> float:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run(t, depth)
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1e3 / repeats
+
+    warm = time.perf_counter()
+    while time.perf_counter() - warm < 0.1:
+        run(t_max, 2)
+        torch.cuda.synchronize()
+    samples = {(t, d): [] for t in lengths for d in range(3)}
+    for _ in range(7):
+        for t in lengths:
+            for d in range(3):
+                samples[t, d].append(timed(t, d))
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    t1, t2 = sorted(lengths)
+
+    def slope(d):
+        return ((med[t2, d] - med[t2, d - 1]) - (med[t1, d] - med[t1, d - 1])) / (t2 - t1)
+
+    return {"conv": slope(1), "scan": slope(2)}
+
+
+def tvm_sequential_kernels(lib, names: dict, shape: dict, tvm_ffi):
+    """A tvm-cuda library's own prefill conv and scan (its compiled functions, found by name among
+    the library's imports) as `measure_sequential_kernels` callables, with its buffers' layouts."""
+    conv_fn = lib.get_function(names["conv"], query_imports=True)
+    scan_fn = lib.get_function(names["scan"], query_imports=True)
+    e, n = shape["e"], shape["n"]
+    state = (1, e, n) if shape["arch"] == "mamba1" else (1, shape["heads"], shape["head_dim"], n)
+    cache = {}
+
+    def args(b, t, which):
+        if (which, t) not in cache:  # converted once per length: the timed loop pays only the call
+            if which == "conv":
+                ts = [b["proj"][:t], b["conv_w"], *([b["conv_b"]] if shape["conv_bias"] else []),
+                      b["conv_state"].view(1, *b["conv_state"].shape)]
+            elif shape["arch"] == "mamba1":
+                ts = [b["proj"][:t], b["dbc"][:t], b["dt"][:t], b["dt_bias"], b["A"].view(e, n), b["D"],
+                      b["ssm_state"].view(state), b["y"][:t]]
+            else:
+                ts = [b["proj"][:t], b["dt_bias"], b["A"], b["D"], b["ssm_state"].view(state), b["y"][:t]]
+            cache[which, t] = [tvm_ffi.from_dlpack(x) for x in ts]
+        return cache[which, t]
+
+    return (lambda b, t: conv_fn(*args(b, t, "conv")), lambda b, t: scan_fn(*args(b, t, "scan")))
+
+
+def tvm_cuda_artifact(path):
+    """The artifact `--tvm-library` names, refused unless it is tvm-cuda and torch sees a GPU."""
+    from edgemamba.artifact import load_artifact
+
+    art = load_artifact(path, verify=False)
+    if art.target != "tvm-cuda":
+        raise EdgeMambaError(f"--tvm-library needs a tvm-cuda artifact; {path} is {art.target}")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        raise EdgeMambaError("--tvm-library needs a CUDA GPU, and torch sees none here")
+    return art
+
+
+def measure_scan_step(torch, art) -> Figure:
+    """tvm-cuda's scan_step_s: seconds per token and layer of the prefill's token-sequential kernels,
+    the conv and the scan of a tvm-cuda artifact's library (weights not needed), timed alone
+    (`measure_sequential_kernels`) at its own layer shape."""
+    import tvm_ffi
+
+    from edgemamba.runtimes.tvm import load_library
+
+    shape, names = sequential_shape(art.spec), tvm_prefill_kernel_names(art.spec, art.precision)
+    lib = load_library(art)
+    with tvm_ffi.use_torch_stream():
+        per = measure_sequential_kernels(torch, shape, tvm_sequential_kernels(lib, names, shape, tvm_ffi),
+                                         y_dtype=names["y"])
+    return Figure(per["conv"] + per["scan"],
+                  f"measured: the tvm-cuda library {art.path.name}'s own prefill conv and scan kernels alone "
+                  f"({art.spec.arch}, d_inner {shape['e']}, d_state {shape['n']}), inputs freshly written, chunks "
+                  f"of 64 and 256 tokens: conv {per['conv'] * 1e9:.0f} ns + scan {per['scan'] * 1e9:.0f} ns a token")
+
+
+def probe(*, gpu: bool = True, threads: int | None = None, costs: bool = True, tvm_library=None) -> DeviceProfile:
+    """This machine; `costs`: also measure ONNX Runtime's and the GPU's own costs here (a few seconds);
+    `tvm_library`: a tvm-cuda artifact built for this GPU whose prefill conv and scan give tvm-cuda's
+    scan_step_s (without one, the profile's default stands)."""
+    library = None if tvm_library is None else tvm_cuda_artifact(tvm_library)  # refused before any measuring
     cpu = probe_cpu(threads)
     measured = {"ort-cpu": measure_ort_costs(cpu.bandwidth.value, bandwidth_test_bytes(), threads)} if costs else {}
     gpu_proc = probe_gpu() if gpu else None
     if gpu_proc is not None and costs:
+        import torch
+
         gpu_costs = measure_gpu_costs(gpu_proc.bandwidth.value)
-        measured.update({"tvm-cuda": gpu_costs, "tensorrt": dict(gpu_costs)})
+        measured["tensorrt"] = dict(gpu_costs)  # its selective scan is one fused kernel: no scan step
+        scan = {"scan_step_s": measure_scan_step(torch, library)} if library is not None else {}
+        measured["tvm-cuda"] = {**gpu_costs, **scan}
     cpu_targets = ("ort-cpu", "tvm-aarch64" if platform.machine() in ("aarch64", "arm64") else "tvm-llvm")
     targets = (("tensorrt", "tvm-cuda") if gpu_proc else ()) + cpu_targets
     return DeviceProfile(

@@ -142,6 +142,8 @@ class TargetCost:
     processor: str  # "cpu" or "gpu"
     launches_per_layer: dict[str, int]  # arch -> graph nodes / kernels per layer in one decode step
     launches_fixed: int  # embedding, final norm, head
+    chunk_launches_per_layer: dict[str, int]  # arch -> graph nodes / kernels per layer in one prefill chunk
+    chunk_launches_fixed: int  # ... and outside the layers
     launch_s: Figure  # per graph node / kernel launch
     call_s: Figure  # per graph call (host side: binding, dispatch)
     scan_step_s: Figure  # prefill: per token per layer when the scan runs as a loop of graph nodes
@@ -151,6 +153,11 @@ class TargetCost:
     head_read_efficiency: Figure  # ... and the (vocab, d_model) head's product, which reads the table transposed
     gemm_efficiency: Figure  # fraction of the processor's achievable matrix-product rate its prefill reaches
     runtime_bytes: Figure  # runtime libraries, context and allocator arenas resident while running
+    # Prefill matrix products whose K loop, not their bytes or operations, sets their time at chunk sizes
+    # (one wave of tiles walking K): layer weight name -> K depth of one tile step; and one step's time.
+    kloop_tiles: dict[str, int] = field(default_factory=dict)
+    kloop_step_s: Figure = Figure(0.0, "no latency-bound prefill products")
+    chunk_launch_extra_s: Figure = Figure(0.0, "a prefill kernel costs what a step's does")  # per prefill kernel
     notes: str = ""
 
 
@@ -170,6 +177,27 @@ _GPU_CALL = Figure(50e-6, f"{_GPU_MEASURED}: 42-61 µs, one step call from the h
 # update, out_proj+residual), 3 a Mamba-2 layer, plus the embedding and the lm_head.
 _TVM_KERNELS = {"mamba1": 4, "mamba2": 3}
 _TVM_FIXED = 2
+# The TVM prefill (kernels/tvm_model.py): RMSNorm, in_proj, conv, x_proj, dt_proj, scan, out_proj a Mamba-1
+# layer; RMSNorm, in_proj, conv, scan, gated RMSNorm, out_proj a Mamba-2 layer; embedding, last row, lm_head.
+_TVM_CHUNK_KERNELS = {"mamba1": 7, "mamba2": 6}
+_TVM_CHUNK_FIXED = 3
+# Its matrix products walk K one tile at a time (in_proj, out_proj: WMMA tiles 32 deep; x_proj, dt_proj:
+# TVM's dlight CUDA-core schedule, 16 deep), each step a global-to-shared round trip and a barrier; at
+# chunk sizes one wave of tiles covers the output, so a product takes K/depth steps whatever t is.
+_TVM_CUDA_KLOOP = {"in_proj": 32, "out_proj": 32, "x_proj": 16, "dt_proj": 16}
+_TVM_PREFILL = ("measured on an H100 SXM: TVM's own prefill kernels on synthetic 2- and 8-layer Mamba-1 and Mamba-2 "
+                "models (d_inner 2048, a shape no validated model has; benchmarks/gpu_tvm_prefill.py)")
+_TVM_KSTEP = Figure(0.763e-6, f"{_TVM_PREFILL}: the matrix products' GPU time over their K-tile steps, 0.68-0.80 µs "
+                              "by model")
+_TVM_CHUNK_EXTRA = Figure(6.5e-6, f"{_TVM_PREFILL}: a prefill's wall time beyond its kernels' GPU time, per kernel "
+                                  "(the VM launches each one, no CUDA graph): 9.3 µs (Mamba-1), 3.6 µs (Mamba-2)")
+# The token-sequential part of a tvm-cuda prefill (the conv and the scan walk the chunk token by token), per
+# token and layer; `edgemamba devices --probe --tvm-library ART` measures it on the GPU at hand.
+_TVM_SCAN_STEP = Figure(1.027e-6, "measured on an H100 SXM: `devices --probe --tvm-library` (probe.measure_scan_step) "
+                                  "timing TVM's own prefill conv and scan alone, synthetic Mamba-1 layer (d_inner "
+                                  "2048, d_state 16): conv 63 + scan 964 ns a token; in a whole prefill 1037; "
+                                  "Mamba-2's (d_state 128) 1109 alone, 1133 in a prefill")
+
 _TVM_GEMV = Figure(0.85, "measured: TVM's own matrix-vector kernels on an H100 (torch profiler, RESULTS.md TVM "
                          "section) stream 2.2 TB/s (mamba-1.4b in_proj) to 2.8 TB/s (lm_head) against a 2.95 TB/s "
                          "copy: 0.75-0.94")
@@ -182,6 +210,8 @@ TARGET_COSTS: dict[str, TargetCost] = {
         processor="cpu",
         launches_per_layer={"mamba1": 47, "mamba2": 52},
         launches_fixed=8,
+        chunk_launches_per_layer={"mamba1": 47, "mamba2": 52},  # estimate: an artifact's prefill graph is counted
+        chunk_launches_fixed=8,
         launch_s=Figure(0.7e-6, _ORT_NOTE + ": 0.4-1.0 µs per elementwise node"),
         call_s=Figure(5e-6, _ORT_NOTE + ": 4-7 µs per graph call"),
         scan_step_s=Figure(10e-6, _ORT_NOTE + ": 3-12 µs per ONNX Scan iteration on a quiet machine, 55-130 µs "
@@ -194,7 +224,8 @@ TARGET_COSTS: dict[str, TargetCost] = {
         runtime_bytes=est(128 * MiB, "Python, NumPy and ONNX Runtime resident set with a tiny model (measured ~140 MiB)"),
     ),
     "tensorrt": TargetCost(
-        processor="gpu", launches_per_layer={"mamba1": 9, "mamba2": 10}, launches_fixed=4, launch_s=_CUDA_LAUNCH,
+        processor="gpu", launches_per_layer={"mamba1": 9, "mamba2": 10}, launches_fixed=4,
+        chunk_launches_per_layer={"mamba1": 9, "mamba2": 10}, chunk_launches_fixed=4, launch_s=_CUDA_LAUNCH,
         call_s=est(20e-6, "enqueue + stream sync"), scan_step_s=est(0.0, "fused selective-scan plugin"),
         state_element_s=est(0.0, "fused: in the roofline"),
         weight_read_efficiency=est(0.9, "cuBLAS/TensorRT GEMV on large matrices"),
@@ -203,15 +234,18 @@ TARGET_COSTS: dict[str, TargetCost] = {
         runtime_bytes=est(800 * MiB, "CUDA context + TensorRT/cuBLAS kernels resident (about 0.6-1 GiB on Jetson)"),
     ),
     "tvm-cuda": TargetCost(
-        processor="gpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED, launch_s=_GPU_KERNEL,
-        call_s=_GPU_CALL, scan_step_s=est(0.0, "TIR scan kernel"),
+        processor="gpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
+        chunk_launches_per_layer=_TVM_CHUNK_KERNELS, chunk_launches_fixed=_TVM_CHUNK_FIXED, launch_s=_GPU_KERNEL,
+        call_s=_GPU_CALL, scan_step_s=_TVM_SCAN_STEP,
         state_element_s=est(0.0, "fused: in the roofline"),
         weight_read_efficiency=_TVM_GEMV, head_read_efficiency=_TVM_GEMV,
         gemm_efficiency=est(0.7, "tuned TVM GEMM against cuBLAS"),
         runtime_bytes=est(400 * MiB, "CUDA context + compiled module"),
+        kloop_tiles=_TVM_CUDA_KLOOP, kloop_step_s=_TVM_KSTEP, chunk_launch_extra_s=_TVM_CHUNK_EXTRA,
     ),
     "tvm-llvm": TargetCost(
         processor="cpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
+        chunk_launches_per_layer=_TVM_CHUNK_KERNELS, chunk_launches_fixed=_TVM_CHUNK_FIXED,
         launch_s=est(1e-6, "one packed-function call per fused operator"), call_s=est(20e-6, "VM entry + binding"),
         scan_step_s=est(1e-6, "scan loop compiled into one operator"),
         state_element_s=est(0.0, "fused into one vectorized operator: in the roofline"),
@@ -222,6 +256,7 @@ TARGET_COSTS: dict[str, TargetCost] = {
     ),
     "tvm-aarch64": TargetCost(
         processor="cpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
+        chunk_launches_per_layer=_TVM_CHUNK_KERNELS, chunk_launches_fixed=_TVM_CHUNK_FIXED,
         launch_s=est(2e-6, "one packed-function call per fused operator on a Cortex-A core"),
         call_s=est(40e-6, "VM entry + binding on a Cortex-A core"),
         scan_step_s=est(2e-6, "scan loop compiled into one operator"),

@@ -386,6 +386,18 @@ def _cudart():
 # ---------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------
+def load_library(artifact):
+    """The artifact's compiled library as a module (TVM's runtime loaded, its CUDA kernels served from
+    the prebuilt cubins): the VM executable, and through its imports every kernel by name."""
+    info = artifact.manifest["tvm"]
+    load_runtime("cuda" if info["device"] == "cuda" else "cpu")
+    import tvm_ffi
+
+    for name, source_sha256 in info.get("cubins", {}).items():
+        _Cubins.add(source_sha256, (artifact.path / name).read_bytes())
+    return tvm_ffi.load_module(str((artifact.path / info["library"]).resolve()))
+
+
 class TvmBackend:
     """The Session backend for tvm-* artifacts. `weights` (name -> array in the library's layout,
     see `pack_weights`) replaces the artifact's weights.bin, e.g. to run weights packed on the device."""
@@ -394,14 +406,11 @@ class TvmBackend:
         info = artifact.manifest["tvm"]
         self.spec, self.batch = artifact.spec, batch
         self.dev = _Cuda() if info["device"] == "cuda" else _Cpu()
-        load_runtime(self.dev.kind)
+        lib = load_library(artifact)
         import tvm_ffi
 
-        for name, source_sha256 in info.get("cubins", {}).items():
-            _Cubins.add(source_sha256, (artifact.path / name).read_bytes())
         if threads and self.dev.kind == "cpu":
             tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(threads))
-        lib = tvm_ffi.load_module(str((artifact.path / info["library"]).resolve()))
         self.vm = lib["vm_load_executable"]()
         self.vm["vm_initialization"](self.dev.dl_type, 0, 2, 1, 0, 2)  # device 0, pooled allocator; CPU host
         if weights is None:
