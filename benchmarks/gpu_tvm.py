@@ -2,8 +2,10 @@
 
 Two halves, because the GPU machine cannot take TVM's compiler:
 
-  python benchmarks/gpu_tvm.py build OUT [--arch sm_90]    # here: weightless tvm-cuda artifacts + runtime
-  python3 benchmarks/gpu_tvm.py run OUT [--peers]          # there: weights packed from a seed, checked, timed
+  python benchmarks/gpu_tvm.py build OUT [--arch sm_90] [--pdl MODE]   # here: weightless tvm-cuda artifacts + runtime
+  python3 benchmarks/gpu_tvm.py run OUT [--peers] [--logits DIR] [--decode-only]
+                                                           # there: weights packed from a seed, checked, timed
+  python3 benchmarks/gpu_tvm.py ab OUT1 OUT2 ...           # there: decode of several builds, same weights
   python3 benchmarks/gpu_tvm.py weights OUT --dest DIR     # there: DIR/<model>.em, complete artifacts
                                                            # (the same seeded weights) for `edgemamba bench`
 
@@ -14,9 +16,19 @@ unpacked beside it as its README says) for the same models in the same run.
 runtime libraries to OUT/runtime. `run` needs only those, apache-tvm-ffi and NumPy; torch is used for
 the greedy-decode loop's argmax and its CUDA graph, and for timing events.
 
+--pdl MODE chooses how the step kernels use programmatic dependent launch (`off`, or a mode of
+`edgemamba.kernels.tvm_common.PDL_MODES`; default: the library's default for the arch). `ab` takes
+builds of the same models (e.g. one per mode), makes each model's weights once, checks that every
+build's 12 CUDA-graph steps equal the first build's and plain launches' exactly, and times decode
+(batch 1 and 8) of each build in two rounds, the second in reverse order.
+
 Per model, `run` reports:
   - logits of the fp16 library against the NumPy reference on the same fp16-rounded weights
     (prefill of 8 tokens, then 4 steps), max |Δ| / max |ref|
+  - 12 steps through the backend's CUDA graphs against the same steps as plain kernel launches:
+    the largest difference (0.0: identical). --logits DIR saves those logits as DIR/<model>.npy, or,
+    where that file exists (from a run of another build of the same model), says whether they are
+    identical to it; --decode-only runs only that and the decode timings
   - decode ms/token, batch 1: the step (TVM kernels) + argmax + feeding the token back, captured in
     one CUDA graph and replayed 256 times back to back (the same loop mamba_ssm's decode(cg=True) runs)
   - the same through Session-style calls (ids up, logits down, host argmax), per token
@@ -59,7 +71,7 @@ BATCHES = (1, 8)
 # ---------------------------------------------------------------------------------------------
 # build (here, with the TVM compiler)
 # ---------------------------------------------------------------------------------------------
-def build(out: Path, arch: str, models: list[str]) -> None:
+def build(out: Path, arch: str, models: list[str], pdl: str | None = None) -> None:
     from edgemamba.kernels.tvm_build import compile_tvm_library
     from edgemamba.runtimes.tvm import runtime_dir
 
@@ -67,7 +79,7 @@ def build(out: Path, arch: str, models: list[str]) -> None:
     for name in models:
         t = time.perf_counter()
         compile_tvm_library(MODELS[name], out / f"{name}.em", "tvm-cuda", "fp16", force=True, arch=arch,
-                            batches=BATCHES)
+                            batches=BATCHES, pdl=pdl)
         print(f"{name}: built in {time.perf_counter() - t:.0f} s")
     (out / "runtime").mkdir(exist_ok=True)  # what the GPU machine needs of TVM: these two files
     for lib in ("libtvm_runtime.so", "libtvm_runtime_cuda.so"):
@@ -110,7 +122,8 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float16).astype(np.float32) if k.split(".")[-1] in big else v for k, v in w.items()}
 
 
-def run(out: Path, models: list[str], peers: bool, n_tokens: int) -> None:
+def run(out: Path, models: list[str], peers: bool, n_tokens: int, logits_dir: Path | None = None,
+        decode_only: bool = False) -> None:
     os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(out / "runtime"))
     import torch
     import tvm_ffi
@@ -119,16 +132,21 @@ def run(out: Path, models: list[str], peers: bool, n_tokens: int) -> None:
     results = []
     for name in models:
         try:
-            results.append(_run_model(name, art_dir=out, n_tokens=n_tokens))
+            results.append(_run_model(name, art_dir=out, n_tokens=n_tokens, logits_dir=logits_dir,
+                                      decode_only=decode_only))
         except Exception:  # report and go on to the next model: device time is scarce
             import traceback
 
             traceback.print_exc()
         torch.cuda.empty_cache()
+    if decode_only:
+        print("\nRESULTS " + json.dumps(results))
+        return
     _peers_and_table(out, models, results, peers, n_tokens)
 
 
-def _run_model(name: str, art_dir: Path, n_tokens: int) -> dict:
+def _run_model(name: str, art_dir: Path, n_tokens: int, logits_dir: Path | None = None,
+               decode_only: bool = False) -> dict:
     import torch
     import tvm_ffi
 
@@ -145,11 +163,38 @@ def _run_model(name: str, art_dir: Path, n_tokens: int) -> dict:
     packed = pack_weights(spec, weights, "fp16")
     print(f"\n{name}: {spec.n_params / 1e6:.0f} M parameters, weights made in {time.perf_counter() - t:.1f} s")
     res = {"model": name, "params_M": spec.n_params / 1e6,
-           "weight_bytes": sum(a.nbytes for a in packed.values())}
-
-    # -- correctness: prefill 8 tokens, then 4 steps, against the NumPy reference --------------
+           "weight_bytes": sum(a.nbytes for a in packed.values()), "pdl": bool(art.manifest["tvm"].get("pdl"))}
     be = TvmBackend(art, 1, weights=packed)
     ids = np.random.default_rng(1).integers(0, spec.vocab_size, 12)
+
+    # -- the step in CUDA-graph replay against plain launches (and against another build) -------
+    plain = TvmBackend(art, 1, weights=packed, cuda_graph=False)
+    stepped = {}
+    for kind, backend in (("graph", be), ("plain", plain)):
+        backend.reset(slice(0, 1))
+        stepped[kind] = np.stack([backend.step(ids[t : t + 1])[0].copy() for t in range(len(ids))])
+    del plain
+    res["graph_vs_plain_max_abs"] = float(np.abs(stepped["graph"] - stepped["plain"]).max())
+    print(f"  12 steps, CUDA graphs vs plain launches: max |Δ| = {res['graph_vs_plain_max_abs']:.3g}")
+    if logits_dir is not None:
+        saved = logits_dir / f"{name}.npy"
+        if saved.exists():
+            other = np.load(saved)
+            res["vs_saved_logits_max_abs"] = float(np.abs(stepped["graph"] - other).max())
+            print(f"  vs {saved} (another build): max |Δ| = {res['vs_saved_logits_max_abs']:.3g}")
+        else:
+            logits_dir.mkdir(parents=True, exist_ok=True)
+            np.save(saved, stepped["graph"])
+    be.reset(slice(0, 1))
+    if decode_only:
+        b8 = TvmBackend(art, 8, weights=packed)
+        for batch in BATCHES:
+            res[f"decode_ms_b{batch}"] = _graph_decode_ms(be if batch == 1 else b8, n_tokens, torch, tvm_ffi)
+            print(f"  decode batch {batch}: {res[f'decode_ms_b{batch}']:.4f} ms per step (CUDA graph replay)")
+        res["batch8_over_batch1"] = res["decode_ms_b8"] / res["decode_ms_b1"]
+        return res
+
+    # -- correctness: prefill 8 tokens, then 4 steps, against the NumPy reference --------------
     ref_logits, _ = Reference(Checkpoint(spec, weights)).forward(ids[None])
     got = [be.prefill(ids[:8], 0)] + [be.step(ids[t : t + 1])[0].copy() for t in range(8, 12)]
     err = np.abs(np.stack(got) - ref_logits[0, 7:]).max() / np.abs(ref_logits[0, 7:]).max()
@@ -289,6 +334,48 @@ def _graph_decode_ms(be, n_tokens: int, torch, tvm_ffi) -> float:
     return float(np.median(times))
 
 
+def ab(outs: list[Path], models: list[str], n_tokens: int) -> None:
+    """Decode of several builds of the same models (see the module's docstring)."""
+    os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(outs[0] / "runtime"))
+    import torch
+    import tvm_ffi
+
+    from edgemamba.artifact import load_artifact
+    from edgemamba.runtimes.tvm import TvmBackend, pack_weights
+
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; tvm_ffi {tvm_ffi.__version__}")
+    rows = []
+    for name in models:
+        spec = MODELS[name]
+        packed = pack_weights(spec, random_weights(spec, seed=0), "fp16")
+        ids = np.random.default_rng(1).integers(0, spec.vocab_size, 12)
+        builds, first = [], None
+        for out in outs:
+            art = load_artifact(out / f"{name}.em")
+            be, plain = TvmBackend(art, 1, weights=packed), TvmBackend(art, 1, weights=packed, cuda_graph=False)
+            got = {k: np.stack([b.step(ids[t : t + 1])[0].copy() for t in range(len(ids))])
+                   for k, b in (("graph", be), ("plain", plain))}
+            del plain
+            first = got["graph"] if first is None else first
+            be.reset(slice(0, 1))
+            row = {"model": name, "build": str(out), "pdl": art.manifest["tvm"].get("pdl"),
+                   "graph_vs_plain": float(np.abs(got["graph"] - got["plain"]).max()),
+                   "vs_first_build": float(np.abs(got["graph"] - first).max()), "b1": [], "b8": []}
+            builds.append((row, be, TvmBackend(art, 8, weights=packed)))
+        for order in (builds, builds[::-1]):
+            for row, b1, b8 in order:
+                row["b1"].append(_graph_decode_ms(b1, n_tokens, torch, tvm_ffi))
+                row["b8"].append(_graph_decode_ms(b8, n_tokens, torch, tvm_ffi))
+        for row, _, _ in builds:
+            print(f"{name:<12} {row['pdl']!s:<17} b1 {' '.join(f'{v:.4f}' for v in row['b1'])} ms  "
+                  f"b8 {' '.join(f'{v:.4f}' for v in row['b8'])} ms  graph-vs-plain {row['graph_vs_plain']:.3g}  "
+                  f"vs-first {row['vs_first_build']:.3g}")
+            rows.append(row)
+        del builds
+        torch.cuda.empty_cache()
+    print("\nAB " + json.dumps(rows))
+
+
 def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> None:
     """Complete artifacts: each weightless library of OUT copied to DEST with weights.bin packed from
     the seeded random weights `run` uses, and the manifest's weight index and checksum."""
@@ -309,23 +396,32 @@ def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> Non
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["build", "run", "weights"])
-    p.add_argument("out", type=Path)
+    p.add_argument("mode", choices=["build", "run", "weights", "ab"])
+    p.add_argument("out", type=Path, nargs="+", help="one build folder (ab: several)")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--peers", action="store_true", help="also run mamba_ssm's decoder (needs MAMBA_SSM_SRC)")
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--dest", type=Path, help="weights: where the complete artifacts go")
+    p.add_argument("--pdl", help="build: programmatic dependent launch mode (off, late, early, ...)")
+    p.add_argument("--logits", type=Path, help="run: save the 12-step logits here, or compare with those saved")
+    p.add_argument("--decode-only", action="store_true", help="run: graph-vs-plain check and decode timings only")
     a = p.parse_args()
     models = a.models.split(",")
+    if a.mode != "ab" and len(a.out) != 1:
+        p.error(f"{a.mode} takes one folder")
+    if a.mode == "ab":
+        ab(a.out, models, a.tokens)
+        return
+    a.out = a.out[0]
     if a.mode == "build":
-        build(a.out, a.arch, models)
+        build(a.out, a.arch, models, pdl=a.pdl)
     elif a.mode == "weights":
         if a.dest is None:
             p.error("weights needs --dest DIR")
         with_weights(a.out, a.dest, models)
     else:
-        run(a.out, models, a.peers, a.tokens)
+        run(a.out, models, a.peers, a.tokens, a.logits, a.decode_only)
 
 
 if __name__ == "__main__":

@@ -335,6 +335,59 @@ def test_cuda_library_and_cubin_build_without_a_gpu(arch, precision, tmp_path):
     assert (e_flags >> 8) & 0xFF == int(arch[3:])  # machine code for that SM, not PTX for the driver to compile
 
 
+@pytest.mark.parametrize("spec,precision,pdl", [(M1, "fp16", None), (M2, "int8", "early"), (FALCON, "fp32", "late")],
+                         ids=["mamba1-fp16-default", "mamba2-int8-early", "falcon-fp32-late"])
+def test_sm90_step_kernels_launch_early_but_read_only_weights_before_the_wait(spec, precision, pdl):
+    """Programmatic dependent launch (sm_90+): a step kernel may start while the previous one still
+    writes its inputs, so before `griddepcontrol.wait` it may only prefetch; parameters other than
+    weights lose __restrict__ (nvcc would read them with non-coherent loads that ptxas moves above the
+    wait); the launch flag goes exactly with the wait; prefill kernels and sm_87 are untouched."""
+    import re
+
+    from edgemamba.kernels.tvm_build import TARGETS, _coherent_pdl_loads, _cuda_postproc, _cuda_source
+    from edgemamba.kernels.tvm_common import DEFAULT_PDL, PDL_CONSTANT_PARAMS, PDL_LAUNCH_TAG, PDL_MODES
+    from edgemamba.kernels.tvm_model import build_module, relax_pipeline
+
+    target = TARGETS["tvm-cuda"].make("sm_90")
+    mode = PDL_MODES[pdl or DEFAULT_PDL]
+    mod = build_module(spec, precision, True, target, (1, 2), pdl=pdl)
+    for gv, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            flagged = list(f.attrs.get("tirx.kernel_launch_params", [])) == [PDL_LAUNCH_TAG]
+            assert flagged == ('griddepcontrol("wait"' in f.script()), gv.name_hint
+    with target, _cuda_postproc(_coherent_pdl_loads):
+        source = _cuda_source(tvm.compile(mod, target=target, relax_pipeline=relax_pipeline()).mod)
+
+    defs = list(re.finditer(r'^extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(([^)]*)\) \{$', source, re.M))
+
+    def pdl_kernel(name):  # the step kernels of the batches the mode covers (and the embedding)
+        batch = re.search(r"_b(\d+)_", name)
+        return name.startswith("embed_") or (name.startswith(("gemv_", "ssm_step_")) and batch is not None
+                                             and mode.for_batch(int(batch.group(1))) is not None)
+
+    step = {m.group(1) for m in defs if pdl_kernel(m.group(1))}
+    assert len(step) >= 4 * (1 if mode.max_batch == 1 else 2) and len(defs) > len(step)
+    for m, end in zip(defs, [d.start() for d in defs[1:]] + [len(source)]):
+        name, params, body = m.group(1), m.group(2), source[m.end() : end]
+        if name not in step:  # prefill kernels, and steps of larger batches where the mode leaves them: plain
+            assert "griddepcontrol" not in body and "__restrict__" in params, name
+            continue
+        restricted = re.findall(r"__restrict__ (\w+)_ptr", params)
+        assert restricted and set(restricted) <= PDL_CONSTANT_PARAMS, name
+        assert body.count("griddepcontrol_wait();") == 1 and body.count("launch_dependents();") == 1, name
+        names = re.findall(r"(\w+_ptr)\b", params)
+        before, after = body.split("griddepcontrol_wait();")
+        for line in before.splitlines():
+            touched = [p for p in names if re.search(rf"\b{p}\b", line)]
+            assert not touched or "prefetch" in line, f"{name}: {line.strip()}"
+        prefetched = any("prefetch" in line for line in before.splitlines())
+        assert prefetched == (mode.prefetch and name.startswith(("gemv_", "ssm_step_"))), name
+        assert ("launch_dependents" in before) == mode.early, name
+
+    mod87 = build_module(spec, precision, True, TARGETS["tvm-cuda"].make("sm_87"), (1,))
+    assert "griddepcontrol" not in mod87.script() and "programtic" not in mod87.script()
+
+
 @pytest.mark.gpu
 def test_cuda_artifact_on_the_gpu(tmp_path, hf_dirs):
     torch = pytest.importorskip("torch")

@@ -16,8 +16,10 @@ it may not run on an older CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -65,18 +67,24 @@ TARGETS: dict[str, TvmTarget] = {
 
 
 def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, arch: str | None = None,
-                    batches=None) -> dict:
-    """model.so (+ cubin) for this spec in out_dir; returns the manifest's "tvm" entry less params."""
+                    batches=None, pdl: str | None = None) -> dict:
+    """model.so (+ cubin) for this spec in out_dir; returns the manifest's "tvm" entry less params.
+    pdl: how decode-step kernels use programmatic dependent launch, a key of `tvm_common.PDL_MODES`
+    (None: the default where the arch has it, sm_90 and newer)."""
     import tvm
 
+    from edgemamba.kernels.tvm_common import DEFAULT_PDL, pdl_for, supports_pdl
     from edgemamba.kernels.tvm_model import STEP_BATCHES, build_module, relax_pipeline
 
     tt = TARGETS[target_name]
     target = tt.make(arch)
     batches = tuple(batches or STEP_BATCHES)
     gpu = tt.device == "cuda"
-    mod = build_module(spec, precision, gpu, target, batches)
-    with target:
+    if gpu and pdl is None:
+        pdl = DEFAULT_PDL if supports_pdl(target) else "off"
+    use_pdl = gpu and pdl_for(target, pdl) is not None
+    mod = build_module(spec, precision, gpu, target, batches, pdl=pdl)
+    with target, _cuda_postproc(_coherent_pdl_loads if use_pdl else None):
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline())
     info = {"device": tt.device, "target": json.dumps(target.export(), default=str), "step_batches": list(batches),
             "library": "model.so", "cubins": {}}
@@ -87,12 +95,59 @@ def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, ar
         (out_dir / name).write_bytes(nvcc_cubin(source, arch))
         info["cubins"][name] = hashlib.sha256(source.encode()).hexdigest()
         info["arch"] = arch
+        info["pdl"] = pdl
     if tt.cross_cc and shutil.which(tt.cross_cc) is None:
         raise EdgeMambaError(f"{target_name} links with {tt.cross_cc}, which is not installed "
                              "(Debian: apt-get install g++-aarch64-linux-gnu)")
     kwargs = {"cc": tt.cross_cc} if tt.cross_cc else {}
     ex.export_library(str(out_dir / "model.so"), **kwargs)
     return info
+
+
+@contextlib.contextmanager
+def _cuda_postproc(fn):
+    """TVM's hook on the CUDA source it generates (what the library embeds and nvcc compiles), set
+    to `fn` for the duration; None: left as it is."""
+    if fn is None:
+        yield
+        return
+    import tvm_ffi
+
+    name = "tvm_callback_cuda_postproc"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, lambda code, *_: fn(str(code)), override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
+        else:
+            tvm_ffi.remove_global_func(name)
+
+
+_KERNEL = re.compile(r'^extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', re.M)
+
+
+def _coherent_pdl_loads(code: str) -> str:
+    """Kernels launched with programmatic dependent launch (those that call griddepcontrol.wait)
+    without `__restrict__` on their parameters but the weights, so that nvcc reads what other
+    kernels write with coherent loads that stay after the wait (`tvm_common.with_pdl` says why)."""
+    from edgemamba.kernels.tvm_common import PDL_CONSTANT_PARAMS
+
+    def strip(m):
+        return m.group(0) if m.group(1) in PDL_CONSTANT_PARAMS else m.group(1) + "_ptr"
+
+    starts = [(m.start(), m.group(1)) for m in _KERNEL.finditer(code)]
+    pdl = set()
+    for (start, name), (end, _) in zip(starts, starts[1:] + [(len(code), "")]):
+        if "griddepcontrol_wait();" in code[start:end]:
+            pdl.add(name)
+    lines = code.split("\n")
+    for i, line in enumerate(lines):
+        m = _KERNEL.match(line)
+        if m and m.group(1) in pdl:
+            lines[i] = re.sub(r"__restrict__ (\w+)_ptr\b", strip, line)
+    return "\n".join(lines)
 
 
 def _cuda_source(module) -> str:
@@ -122,20 +177,21 @@ def nvcc_cubin(source: str, arch: str) -> bytes:
 
 
 def compile_tvm_artifact(ckpt, dest: Path, target: str, precision: str, force: bool = False, *,
-                         arch: str | None = None, batches=None):
+                         arch: str | None = None, batches=None, pdl: str | None = None):
     """The artifact builder for tvm-* targets (registered in edgemamba.artifact)."""
-    return _write_artifact(ckpt.spec, dest, target, precision, force, arch=arch, batches=batches, ckpt=ckpt)
+    return _write_artifact(ckpt.spec, dest, target, precision, force, arch=arch, batches=batches, ckpt=ckpt,
+                           pdl=pdl)
 
 
 def compile_tvm_library(spec, dest: Path, target: str, precision: str, force: bool = False, *,
-                        arch: str | None = None, batches=None):
+                        arch: str | None = None, batches=None, pdl: str | None = None):
     """An artifact without weights: the library for every checkpoint of this shape. Its runtime
     takes weights packed elsewhere (`TvmBackend(..., weights=pack_weights(...))`), e.g. on a
     device that has the runtime but no compiler."""
-    return _write_artifact(spec, dest, target, precision, force, arch=arch, batches=batches, ckpt=None)
+    return _write_artifact(spec, dest, target, precision, force, arch=arch, batches=batches, ckpt=None, pdl=pdl)
 
 
-def _write_artifact(spec, dest, target, precision, force, *, arch, batches, ckpt):
+def _write_artifact(spec, dest, target, precision, force, *, arch, batches, ckpt, pdl=None):
     from edgemamba.artifact import atomic_dir, load_artifact, write_manifest
     from edgemamba.runtimes.tvm import WEIGHTS, pack_weights, write_packed
 
@@ -143,7 +199,7 @@ def _write_artifact(spec, dest, target, precision, force, *, arch, batches, ckpt
         raise EdgeMambaError(f"precision {precision!r} is not available for target {target!r}; "
                              f"available: {', '.join(TARGETS[target].precisions)}")
     with atomic_dir(dest, force) as tmp:
-        info = compile_library(spec, target, precision, tmp, arch=arch, batches=batches)
+        info = compile_library(spec, target, precision, tmp, arch=arch, batches=batches, pdl=pdl)
         files = [tmp / info["library"], *(tmp / c for c in info["cubins"])]
         info["params"] = None
         if ckpt is not None:

@@ -1,6 +1,7 @@
 """Helpers shared by the TVM TIR kernels (`tvm_gemv`, `tvm_ssm`, `tvm_prefill`)."""
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -74,6 +75,107 @@ def lane_reduce(lanes: int):
                 buf[w, 0] = buf[w, 0] + T.tvm_warp_shuffle_down(FULL_MASK, buf[w, 0], (lanes // 2) >> i, lanes, 32)
 
     return reduce
+
+
+# Programmatic dependent launch (PDL; Hopper, sm_90 and newer). A decode step is a chain of ~100
+# short kernels, each waiting for the one before. A step kernel launched with this flag (TVM's own
+# spelling of the launch tag) may start while the previous kernel still runs: once every block of
+# that kernel has called `griddepcontrol.launch_dependents` (or exited), this one's blocks are
+# scheduled, may prefetch their weights into L2, and wait (`griddepcontrol.wait`) until the previous
+# kernel has finished and its writes are visible before reading anything else. A CUDA graph
+# captured from such launches keeps these programmatic edges. The wait is a no-op where no
+# dependency was relaxed (plain launches after a copy, or kernels launched without the flag), so
+# the kernels stay correct however they are launched.
+PDL_LAUNCH_TAG = "tirx.use_programtic_dependent_launch"
+
+
+@dataclass(frozen=True)
+class Pdl:
+    """How a decode-step kernel takes part in programmatic dependent launch."""
+
+    trigger: str = "late"  # "early": the next kernel may launch once all this kernel's blocks run;
+    # "late": once they have issued all their loads (GEMVs: after the main loop; others: at the end)
+    prefetch: bool = True  # before the wait, the kernel's weights (and state) into L2
+    max_batch: int | None = None  # only the steps of at most this many sequences (None: all)
+
+    def for_batch(self, batch: int) -> "Pdl | None":
+        return self if self.max_batch is None or batch <= self.max_batch else None
+
+    @property
+    def early(self) -> bool:
+        return self.trigger == "early"
+
+    @property
+    def late(self) -> bool:
+        return self.trigger == "late"
+
+
+PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", False), "early": Pdl("early"),
+             "early-noprefetch": Pdl("early", False), "late-noprefetch-b1": Pdl("late", False, max_batch=1)}
+# Where the target has it (`supports_pdl`). Measured on an H100 (benchmarks/RESULTS.md, TVM section):
+# at batch 1, "late-noprefetch" was 9% and 7% faster than "off" on mamba-130m and mamba2-130m and
+# level on mamba-1.4b; at batch 8 every mode was slower than "off" on mamba-1.4b (+8% or more), and
+# the prefetching and early modes lost elsewhere (L2 traffic for kernels not yet running).
+DEFAULT_PDL = "late-noprefetch-b1"
+
+# Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__
+# in PDL kernels (see `with_pdl`); every other parameter loses it.
+PDL_CONSTANT_PARAMS = frozenset({"W", "w_scale", "norm_w", "bias", "conv_w", "conv_b", "dt_w", "dt_bias", "A", "D",
+                                 "E", "E_scale"})
+
+
+def supports_pdl(target) -> bool:
+    """True for CUDA targets of compute capability 9.0 and above (griddepcontrol exists there)."""
+    if target is None or target.kind.name != "cuda":
+        return False
+    m = re.fullmatch(r"sm_(\d+)[a-z]?", str(target.attrs.get("arch", "")))
+    return m is not None and int(m.group(1)) >= 90
+
+
+def pdl_for(target, mode: str | None) -> Pdl | None:
+    """The PDL mode (a key of PDL_MODES) for a target; None: DEFAULT_PDL where the target has it."""
+    from edgemamba.errors import EdgeMambaError
+
+    if mode is None:
+        mode = DEFAULT_PDL if supports_pdl(target) else "off"
+    if mode not in PDL_MODES:
+        raise EdgeMambaError(f"unknown PDL mode {mode!r}; known: {', '.join(PDL_MODES)}")
+    if PDL_MODES[mode] is not None and not supports_pdl(target):
+        raise EdgeMambaError(f"PDL mode {mode!r} needs a CUDA target of sm_90 or newer")
+    return PDL_MODES[mode]
+
+
+def pdl_marks(pdl: "Pdl | None"):
+    """Macros (head, tail) for a step kernel that reads nothing but its inputs: head at the start
+    of its thread body (early trigger, then the wait), tail at the end (late trigger)."""
+    early, late = pdl is not None and pdl.early, pdl is not None and pdl.late
+
+    @T.macro
+    def head():
+        if early:
+            T.evaluate(T.ptx.griddepcontrol.launch_dependents())
+        if pdl is not None:
+            T.evaluate(T.ptx.griddepcontrol.wait())
+
+    @T.macro
+    def tail():
+        if late:
+            T.evaluate(T.ptx.griddepcontrol.launch_dependents())
+
+    return head, tail
+
+
+def with_pdl(func: tirx.PrimFunc, pdl: "Pdl | None") -> tirx.PrimFunc:
+    """The kernel launched with programmatic dependent launch (TVM adds the thread tags itself).
+    Only for kernels whose body waits (`griddepcontrol.wait`) before reading anything but weights,
+    and prefetches nothing but into L2.
+
+    In such a kernel, only the weights' parameters may keep `__restrict__` (the build strips the
+    others from the CUDA source: `tvm_build._coherent_pdl_loads`): nvcc reads a restrict-qualified
+    input the kernel never writes with non-coherent loads (`ld.global.nc`, data promised constant
+    for the kernel's whole life), and ptxas moves such loads above the wait (seen: Mamba-2's dt read
+    from `proj` before `griddepcontrol.wait`), reading what the previous kernel has not written yet."""
+    return func if pdl is None else func.with_attr("tirx.kernel_launch_params", [PDL_LAUNCH_TAG])
 
 
 def cpu_workers(items: int, max_workers: int = 64) -> tuple[int, int]:

@@ -29,7 +29,8 @@ from dataclasses import dataclass  # no `from __future__ import annotations`: TV
 import numpy as np
 from tvm.script import tirx as T
 
-from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW, cpu_workers, drop_unused_params, rsum, silu_expr, vector_width
+from edgemamba.kernels.tvm_common import (FULL_MASK, ROW_VIEW, Pdl, cpu_workers, drop_unused_params, rsum, silu_expr,
+                                          vector_width, with_pdl)
 from edgemamba.reference import rms_norm, silu
 
 EPILOGUES = ("store", "residual", "conv")
@@ -141,10 +142,13 @@ def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, w_scale=None, bias
 # ---------------------------------------------------------------------------------------------
 # TIR
 # ---------------------------------------------------------------------------------------------
-def gemv_kernel(s: GemvSpec, gpu: bool):
-    """The PrimFunc of this GEMV for a GPU or a CPU target; parameters as `s.params`."""
-    f = _gemv_gpu(s) if gpu else _gemv_cpu(s)
-    return drop_unused_params(f, s.params, s.name())
+def gemv_kernel(s: GemvSpec, gpu: bool, pdl: Pdl | None = None):
+    """The PrimFunc of this GEMV for a GPU or a CPU target; parameters as `s.params`. pdl (GPU, sm_90+):
+    programmatic dependent launch (`tvm_common.Pdl`): each warp may have its rows of W brought into
+    L2 while the previous kernel still runs, then waits for it."""
+    pdl = pdl if gpu else None
+    f = _gemv_gpu(s, pdl) if gpu else _gemv_cpu(s)
+    return with_pdl(drop_unused_params(f, s.params, s.name()), pdl)
 
 
 def _shapes(s: GemvSpec):
@@ -185,7 +189,7 @@ def _epilogue(s: GemvSpec, gpu: bool):
     return epilogue
 
 
-def _gemv_gpu(s: GemvSpec):
+def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     B, N, K, G = s.batch, s.n, s.k, s.groups
     GS = K // G  # channels per norm group
     VEC = vector_width(s.wdtype, GS)  # W elements per 16-byte load
@@ -195,6 +199,10 @@ def _gemv_gpu(s: GemvSpec):
     RW = 2 if N >= 8192 else 1  # rows per warp: more loads in flight for the big matrices
     TY = 4  # warps per block
     NBLK = (N + TY * RW - 1) // (TY * RW)
+    ROW_BYTES = K * np.dtype(s.wdtype).itemsize  # PDL: one bulk L2 prefetch a row (16-byte multiples)
+    use_pdl = pdl is not None
+    early, late = use_pdl and pdl.early, use_pdl and pdl.late
+    prefetch = use_pdl and pdl.prefetch and ROW_BYTES % 16 == 0
     sh = _shapes(s)
     epilogue = _epilogue(s, True)
     normed, gated = s.norm != "", s.norm == "gated"
@@ -216,6 +224,15 @@ def _gemv_gpu(s: GemvSpec):
                     ss = T.alloc_buffer((B, G), "float32", scope="local")  # Σ x² per sequence and group
                     wv = T.alloc_buffer((RW, VEC), s.wdtype, scope="local")
                     u = T.alloc_buffer((B, VEC), "float32", scope="local")
+                    if use_pdl:
+                        if early:
+                            T.evaluate(T.ptx.griddepcontrol.launch_dependents())
+                        if prefetch and tx == 0:  # the warp's rows of W (nothing in a step writes them)
+                            for r in T.unroll(RW):
+                                if (bx * TY + ty) * RW + r < N:
+                                    T.evaluate(T.ptx.cp.async_.bulk.prefetch.L2.global_(
+                                        T.address_of(W[(bx * TY + ty) * RW + r, 0]), T.uint32(ROW_BYTES)))
+                        T.evaluate(T.ptx.griddepcontrol.wait())
                     for r in T.unroll(RW):
                         for b in T.unroll(B):
                             for g in T.unroll(G):
@@ -248,6 +265,8 @@ def _gemv_gpu(s: GemvSpec):
                                     for r in T.unroll(RW):
                                         for v in T.unroll(VEC):
                                             acc[r, b, g] = acc[r, b, g] + u[b, v] * T.Cast("float32", wv[r, v])
+                    if late:  # every load of this thread issued: the next kernel may launch
+                        T.evaluate(T.ptx.griddepcontrol.launch_dependents())
                     for i in T.unroll(5):  # warp reduction (all lanes take part): lane 0 ends with the sums
                         for r in T.unroll(RW):
                             for b in T.unroll(B):

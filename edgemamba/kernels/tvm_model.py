@@ -19,6 +19,7 @@ from dataclasses import dataclass, field  # no `from __future__ import annotatio
 import tvm
 from tvm import relax, tirx
 
+from edgemamba.kernels.tvm_common import Pdl, pdl_for
 from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel
 from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, MatmulSpec, RowNormSpec, ScanSpec, bcdt_norm_kernel,
                                            conv_chunk_kernel, embed_kernel, last_row_kernel, matmul_kernel,
@@ -42,6 +43,7 @@ class _Builder:
     gpu: bool
     target: tvm.target.Target
     gvars: dict = field(default_factory=dict)
+    pdl: Pdl | None = None  # decode-step kernels with programmatic dependent launch (`tvm_common.Pdl`)
 
     def kernel(self, key, make):
         if key not in self.gvars:
@@ -60,8 +62,10 @@ class _Builder:
 
 
 def build_module(spec: ModelSpec, precision: str, gpu: bool, target: tvm.target.Target,
-                 batches=STEP_BATCHES) -> tvm.IRModule:
-    kb = _Builder(relax.BlockBuilder(), gpu, target)
+                 batches=STEP_BATCHES, pdl: str | None = None) -> tvm.IRModule:
+    """pdl: how the decode step's kernels use programmatic dependent launch, a key of
+    `tvm_common.PDL_MODES`; None: the default where the target has it (CUDA sm_90 and newer)."""
+    kb = _Builder(relax.BlockBuilder(), gpu, target, pdl=pdl_for(target, pdl) if gpu else None)
     for batch in batches:
         _function(kb, spec, WEIGHT_DTYPES[precision], f"step_{batch}", batch)
     _function(kb, spec, WEIGHT_DTYPES[precision], "prefill", None)
@@ -101,6 +105,9 @@ class _Layer:
 def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | None):
     """step_{batch}, or prefill (t symbolic) when batch is None."""
     gpu, d = kb.gpu, s.d_model
+    # PDL for this step's kernels (prefill: its only step kernels are the embedding and, as in
+    # step_1, lm_head, both correct however launched)
+    pdl = None if kb.pdl is None else kb.pdl.for_batch(batch or 1)
     rows = batch if batch is not None else tirx.Var("t", "int64")
     srows = batch if batch is not None else 1  # state rows
     ids = relax.Var("ids", _ty((rows,), "int32"))
@@ -111,25 +118,26 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
 
     with kb.bb.function(name, [ids, logits, *states.values(), *weights.values()]):
         with kb.bb.dataflow():
-            h = kb.call(("embed",), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu), [ids, *top.mat("embedding")],
-                        (rows, d))  # (rows, d_model) float32: the residual stream
+            h = kb.call(("embed",), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu, kb.pdl),
+                        [ids, *top.mat("embedding")], (rows, d))  # (rows, d_model) float32: the residual stream
             for i in range(s.n_layer):
                 layer = _Layer(kb, s, wdtype, weights, f"layers.{i}.", states[f"conv_state.{i}"],
                                states[f"ssm_state.{i}"])
-                h = _step_layer(layer, h, batch) if batch is not None else _prefill_layer(layer, h, rows)
+                h = _step_layer(layer, h, batch, pdl) if batch is not None else _prefill_layer(layer, h, rows)
             if batch is None:
                 h = kb.call(("last_row",), lambda: last_row_kernel(d, gpu), [h], (1, d))
             gl = GemvSpec(n=s.vocab_size, k=d, batch=srows, wdtype=wdtype, norm="rms", eps=s.norm_eps)
             args = [h, top.w("norm_f"), *(top.mat("lm_head") if "lm_head" in weights else top.mat("embedding")),
                     logits]
-            (out,) = kb.call_inplace(gl, lambda: gemv_kernel(gl, gpu), args, [len(args) - 1], [(srows, s.vocab_size)])
+            (out,) = kb.call_inplace(gl, lambda: gemv_kernel(gl, gpu, pdl), args, [len(args) - 1],
+                                     [(srows, s.vocab_size)])
             out = kb.bb.emit_output(out)
         kb.bb.emit_func_output(out)
 
 
-def _step_layer(L: _Layer, h, batch: int):
+def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
     """One token of `batch` sequences through a layer: 4 kernels (Mamba-1) or 3 (Mamba-2); the
-    residual h (batch, d_model) is updated in place."""
+    residual h (batch, d_model) is updated in place. pdl: how they use programmatic dependent launch."""
     kb, s, gpu = L.kb, L.s, L.kb.gpu
     e, d, NI, C = s.d_inner, s.d_model, s.in_proj_dim, s.conv_dim
     # RMSNorm · in_proj, then the conv step on the conv channels (conv_state in place)
@@ -137,17 +145,17 @@ def _step_layer(L: _Layer, h, batch: int):
                  epilogue="conv", conv_lo=L.conv_lo, conv_hi=L.conv_lo + C, d_conv=s.d_conv, conv_bias=s.use_conv_bias)
     args = [h, L.w("norm"), *L.mat("in_proj"), *L.opt("in_proj_bias"), L.w("conv_weight"), *L.opt("conv_bias"),
             L.conv_state]
-    _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu), args, [len(args) - 1, -1],
+    _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, pdl), args, [len(args) - 1, -1],
                               [s.conv_state_shape(batch), (batch, NI)])  # proj (batch, in_proj_dim)
     # the state update (ssm_state in place); Mamba-1 first needs x_proj's Δ_in, B, C
     k = SsmStepSpec(s, batch)
     if s.arch == "mamba1":
         gx = GemvSpec(n=s.dt_rank + 2 * s.d_state, k=e, batch=batch, wdtype=L.wdtype, x_cols=NI)
-        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu), [proj, *L.mat("x_proj")], (batch, gx.n))
+        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu, pdl), [proj, *L.mat("x_proj")], (batch, gx.n))
         args = [proj, dbc, L.w("dt_proj.T"), L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     else:
         args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
-    _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu), args, [len(args) - 1, -1],
+    _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu, pdl), args, [len(args) - 1, -1],
                            [s.ssm_state_shape(batch), (batch, e)])  # y (batch, d_inner)
     # out_proj (Mamba-2: after the gated RMSNorm), added to the residual in place
     if s.arch == "mamba1":
@@ -157,7 +165,7 @@ def _step_layer(L: _Layer, h, batch: int):
         go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="gated", groups=s.n_groups,
                       norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias, epilogue="residual")
         args = [y, proj, L.w("gate_norm"), *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
-    (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu), args, [len(args) - 1], [(batch, d)])
+    (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu, pdl), args, [len(args) - 1], [(batch, d)])
     return h
 
 

@@ -21,7 +21,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from edgemamba.kernels.tvm_common import (FULL_MASK, ROW_VIEW, c_name, clip_dt_expr, drop_unused_params, exp_expr,
-                                          lane_reduce, rsum, silu_expr, softplus_expr)
+                                          lane_reduce, Pdl, pdl_marks, rsum, silu_expr, softplus_expr, with_pdl)
 from edgemamba.reference import rms_norm, silu
 from edgemamba.spec import ModelSpec
 
@@ -35,11 +35,13 @@ def _rows(name: str = "t"):
 # ---------------------------------------------------------------------------------------------
 # embedding and the last row
 # ---------------------------------------------------------------------------------------------
-def embed_kernel(vocab: int, d: int, wdtype: str, gpu: bool):
+def embed_kernel(vocab: int, d: int, wdtype: str, gpu: bool, pdl: Pdl | None = None):
     """h (rows, d) float32 = E[ids] (int8: times the row's scale); rows symbolic (the decode batch
-    or the prefill chunk)."""
+    or the prefill chunk). pdl (GPU, sm_90+): programmatic dependent launch, waiting first thing."""
     t = _rows()
     quantized = wdtype == "int8"
+    pdl = pdl if gpu else None
+    head, tail = pdl_marks(pdl)
 
     def row(E, E_scale, i, j):
         return T.Cast("float32", E[i, j]) * E_scale[i] if quantized else T.Cast("float32", E[i, j])
@@ -51,16 +53,18 @@ def embed_kernel(vocab: int, d: int, wdtype: str, gpu: bool):
         if gpu:
             for bx in T.thread_binding((t * d + THREADS - 1) // THREADS, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    head()
                     if bx * THREADS + tx < t * d:
                         h[(bx * THREADS + tx) // d, (bx * THREADS + tx) % d] = row(
                             E, E_scale, ids[(bx * THREADS + tx) // d], (bx * THREADS + tx) % d)
+                    tail()
         else:
             for i in T.parallel(t):
                 for j in range(d):
                     h[i, j] = row(E, E_scale, ids[i], j)
 
     names = ["ids", "E", "E_scale", "h"] if quantized else ["ids", "E", "h"]
-    return drop_unused_params(embed, names, f"embed_{vocab}x{d}_{wdtype}")
+    return with_pdl(drop_unused_params(embed, names, f"embed_{vocab}x{d}_{wdtype}"), pdl)
 
 
 def last_row_kernel(d: int, gpu: bool):

@@ -20,7 +20,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from edgemamba.kernels.tvm_common import (ROW_VIEW, clip_dt_expr, cpu_workers, drop_unused_params, exp_expr,
-                                          lane_reduce, padded, rsum, silu_expr, softplus_expr)
+                                          lane_reduce, padded, Pdl, rsum, silu_expr, softplus_expr, with_pdl)
 from edgemamba.reference import rms_norm, silu, softplus
 from edgemamba.spec import ModelSpec
 
@@ -96,9 +96,12 @@ def selective_update(s: ModelSpec, h, proj, dt, B, C, *, dt_bias, A, D):
 # ---------------------------------------------------------------------------------------------
 # TIR
 # ---------------------------------------------------------------------------------------------
-def ssm_step_kernel(k: SsmStepSpec, gpu: bool):
-    f = _mamba1(k, gpu) if k.spec.arch == "mamba1" else _mamba2(k, gpu)
-    return drop_unused_params(f, k.params, k.name())
+def ssm_step_kernel(k: SsmStepSpec, gpu: bool, pdl: Pdl | None = None):
+    """pdl (GPU, sm_90+): programmatic dependent launch (`tvm_common.Pdl`); its prefetch brings the
+    state (and Mamba-1's parameters) into L2 before the wait for the previous kernel."""
+    pdl = pdl if gpu else None
+    f = _mamba1(k, gpu, pdl) if k.spec.arch == "mamba1" else _mamba2(k, gpu, pdl)
+    return with_pdl(drop_unused_params(f, k.params, k.name()), pdl)
 
 
 def _rsqrt_mean_sq(buf, b, lo, n, eps):
@@ -107,7 +110,7 @@ def _rsqrt_mean_sq(buf, b, lo, n, eps):
     return tirx.rsqrt(rsum([buf[b, lo + i] * buf[b, lo + i] for i in range(n)]) / np.float32(n) + np.float32(eps))
 
 
-def _mamba1(k: SsmStepSpec, gpu: bool):
+def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     s = k.spec
     Bt, e, n, r = k.batch, s.d_inner, s.d_state, s.dt_rank
     NL = k.lanes(gpu)
@@ -119,6 +122,8 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
     reduce = lane_reduce(NL)
     state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
     NW, PER = cpu_workers(NT)
+    use_pdl = pdl is not None
+    early, late, prefetch = use_pdl and pdl.early, use_pdl and pdl.late, use_pdl and pdl.prefetch
 
     def scale(dbc, b, lo, width):
         return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
@@ -146,6 +151,17 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
             if lane == 0:
                 y[b, c] = (acc[w, 0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c], not gpu)
 
+    @T.macro
+    def warm(t, dt_w, A, ssm_state):
+        # PDL, before the wait: the thread's parameters and state into L2 (a prefetch never makes a
+        # later load see stale data: L2 is where the GPU's global memory is coherent)
+        b, c, lane = t // NL // e, t // NL % e, t % NL
+        T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(A[c, lane * SPL])))
+        T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(ssm_state[b, c, lane * SPL])))
+        for j in T.unroll((r + NL - 1) // NL):
+            if j * NL + lane < r:
+                T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(dt_w[j * NL + lane, c])))
+
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
                  dt_w: T.Buffer((r, e), "float32"), dt_bias: T.Buffer((e,), "float32"),
@@ -155,11 +171,19 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    if use_pdl:
+                        if early:
+                            T.evaluate(T.ptx.griddepcontrol.launch_dependents())
+                        if prefetch:
+                            warm(T.min(bx * THREADS + tx, NT - 1), dt_w, A, ssm_state)
+                        T.evaluate(T.ptx.griddepcontrol.wait())
                     dt = T.alloc_buffer((1, 1), "float32", scope="local")
                     acc = T.alloc_buffer((1, 1), "float32", scope="local")
                     h = T.alloc_buffer((1, SPL), "float32", scope="local")
                     body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
                          proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0)
+                    if late:
+                        T.evaluate(T.ptx.griddepcontrol.launch_dependents())
         else:
             dt = T.alloc_buffer((NW, 16), "float32")
             acc = T.alloc_buffer((NW, 16), "float32")
@@ -172,7 +196,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool):
     return ssm_step
 
 
-def _mamba2(k: SsmStepSpec, gpu: bool):
+def _mamba2(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     s = k.spec
     Bt, e, n, H, P, G = k.batch, s.d_inner, s.d_state, s.n_heads, s.head_dim, s.n_groups
     NI = s.in_proj_dim
@@ -185,6 +209,8 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
     reduce = lane_reduce(NL)
     state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
     NW, PER = cpu_workers(NT)
+    use_pdl = pdl is not None
+    early, late, prefetch = use_pdl and pdl.early, use_pdl and pdl.late, use_pdl and pdl.prefetch
 
     @T.macro
     def body(t, active, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w):
@@ -205,6 +231,11 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
             if lane == 0:
                 y[b, c] = acc[w, 0] + D[hd] * proj[b, XO + c]
 
+    @T.macro
+    def warm(t, ssm_state):  # PDL, before the wait: the thread's states into L2 (see _mamba1)
+        b, c, lane = t // NL // e, t // NL % e, t % NL
+        T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(ssm_state[b, c // P, c % P, lane * SPL])))
+
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, NI), "float32"), dt_bias: T.Buffer((H,), "float32"),
                  A: T.Buffer((H,), "float32"), D: T.Buffer((H,), "float32"),
@@ -213,11 +244,19 @@ def _mamba2(k: SsmStepSpec, gpu: bool):
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    if use_pdl:
+                        if early:
+                            T.evaluate(T.ptx.griddepcontrol.launch_dependents())
+                        if prefetch:
+                            warm(T.min(bx * THREADS + tx, NT - 1), ssm_state)
+                        T.evaluate(T.ptx.griddepcontrol.wait())
                     dt = T.alloc_buffer((1, 1), "float32", scope="local")
                     acc = T.alloc_buffer((1, 1), "float32", scope="local")
                     h = T.alloc_buffer((1, SPL), "float32", scope="local")
                     body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
                          proj, dt_bias, A, D, ssm_state, y, dt, acc, h, 0)
+                    if late:
+                        T.evaluate(T.ptx.griddepcontrol.launch_dependents())
         else:
             dt = T.alloc_buffer((NW, 16), "float32")
             acc = T.alloc_buffer((NW, 16), "float32")
