@@ -604,3 +604,23 @@ def test_the_engine_was_built_and_is_the_default(tmp_path, hf_dirs):
     assert native_unavailable() is None, native_unavailable()
     art = compile_artifact(load_checkpoint(hf_dirs("mamba")[1]), tmp_path / "a.em")
     assert Session(art).engine == "native"
+
+
+@needs_native
+@pytest.mark.parametrize("damage", [
+    lambda ix: ix["linear"].update({"layers.0.in_proj.T": ["a", "list"]}),
+    lambda ix: next(iter(ix["tensors"].values())).update(offset="12"),
+    lambda ix: next(iter(ix["tensors"].values())).update(bytes=1 << 40),
+    lambda ix: ix.update(act_bits={"x": "sixteen"}),
+])
+def test_damaged_weights_index_is_one_clear_error(damage, tmp_path, hf_dirs):
+    # The manifest's weights_index tells the engine where to point into weights.bin: a damaged one
+    # must be refused with one line naming it, never reach the C++ side.
+    import json
+
+    art = compile_artifact(load_checkpoint(hf_dirs("mamba")[1]), tmp_path / "a.em")
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    damage(manifest["weights_index"])
+    (art.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgeMambaError, match="weights_index"):
+        Session(art.path, engine="native")

@@ -390,7 +390,7 @@ def test_backend_binds_rows_and_swaps_state_like_the_reference(spec_name, tmp_pa
     from edgemamba.session import Session
 
     art, ref, factory = _cpu_backend(spec_name, tmp_path)
-    monkeypatch.setattr(runtimes, "backend_for", lambda artifact: factory)
+    monkeypatch.setattr(runtimes, "backend_for", lambda artifact, engine="auto": factory)
     session = Session(art, batch=2, prefill_chunk=6)  # the backend splits 6 into 4 + 2
     ids = np.random.default_rng(3).integers(0, art.spec.vocab_size, size=(2, 13))
     lengths = (9, 5)

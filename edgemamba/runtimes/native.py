@@ -26,6 +26,7 @@ from edgemamba.errors import EdgeMambaError
 NATIVE_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 F32_KN, F16_KN, F32_NK, F16_NK, Q8_NK, Q4_NK = range(1, 7)
 _QUANT = re.compile(r"^(?P<base>.+)\.q(?P<bits>[48])b(?P<block>\d+)$")
+_DTYPES = {name: np.dtype(name) for name in ("float32", "float16", "uint8")}  # what the ort-cpu graphs store
 
 
 class NativeUnavailable(Exception):
@@ -139,21 +140,38 @@ class WeightIndex:
     def __init__(self, artifact: Artifact, weights: np.ndarray):
         index = artifact.manifest.get("weights_index") or graph_index(artifact.file("step"))  # older artifacts
         where = f"{artifact.path}: weights_index"
-        try:
-            if index["unsupported"]:
-                raise NativeUnavailable(index["unsupported"])
-            self.linear: dict[str, str] = dict(index["linear"])
-            self.gather: str | None = index["gather"]
-            self.act_bits: dict[str, int] = dict(index.get("act_bits", {}))
-            self.inits = {}
-            for name, t in index["tensors"].items():
-                dtype, shape, offset = np.dtype(t["dtype"]), tuple(int(d) for d in t["shape"]), int(t["offset"])
-                if (t["location"] != WEIGHTS_FILE or offset < 0 or offset + int(t["bytes"]) > weights.size
-                        or any(d < 0 for d in shape) or int(t["bytes"]) != dtype.itemsize * int(np.prod(shape, dtype=object))):
-                    raise EdgeMambaError(f"{where}: tensor {name!r} does not fit {WEIGHTS_FILE}")
-                self.inits[name] = (offset, dtype, shape)
-        except (KeyError, TypeError, ValueError) as e:
-            raise EdgeMambaError(f"{where}: malformed ({type(e).__name__}: {e})") from None
+
+        def bad(what: str):
+            return EdgeMambaError(f"{where}: {what} (manifest edited or corrupted)")
+
+        # Checked field by field: a damaged manifest must give one clear error, never a crash.
+        if not isinstance(index, dict) or not all(isinstance(index.get(k), dict) for k in ("tensors", "linear")):
+            raise bad("not a mapping with 'tensors' and 'linear'")
+        if index.get("unsupported") is not None:
+            if not isinstance(index["unsupported"], str):
+                raise bad("'unsupported' is not text")
+            raise NativeUnavailable(index["unsupported"])
+        self.linear: dict[str, str] = index["linear"]
+        self.gather: str | None = index.get("gather")
+        self.act_bits: dict[str, int] = index.get("act_bits", {})
+        if (not all(isinstance(k, str) and isinstance(v, str) for k, v in self.linear.items())
+                or not (self.gather is None or isinstance(self.gather, str))
+                or not isinstance(self.act_bits, dict)
+                or not all(isinstance(k, str) and v in (0, 8, 16) and isinstance(v, int) for k, v in self.act_bits.items())):
+            raise bad("'linear', 'gather' or 'act_bits' hold something other than tensor names and bit counts")
+        self.inits = {}
+        for name, t in index["tensors"].items():
+            try:
+                if t["dtype"] not in _DTYPES:
+                    raise NativeUnavailable(f"tensor {name!r} is {t['dtype']}")
+                dtype, shape, offset, nbytes = _DTYPES[t["dtype"]], tuple(t["shape"]), t["offset"], t["bytes"]
+                ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (*shape, offset, nbytes))
+            except (KeyError, TypeError):
+                raise bad(f"tensor {name!r} is malformed") from None
+            if (not ints or t.get("location") != WEIGHTS_FILE or offset < 0 or offset + nbytes > weights.size
+                    or any(d < 0 for d in shape) or nbytes != dtype.itemsize * int(np.prod(shape, dtype=object))):
+                raise bad(f"tensor {name!r} does not fit {WEIGHTS_FILE}")
+            self.inits[name] = (offset, dtype, shape)
         self.weights = weights
 
     def array(self, name: str) -> np.ndarray:
