@@ -843,10 +843,14 @@ void em_model::scan1(int li, int rows, int per_seq, float *const *ssm) {
                         hs[i] = hv;
                         acc += hv * Cc[i];
                     }
-                    const float z = proj[(long)row * in_dim + e + d];
-                    y[(long)row * e + d] = (acc + L.w.D[d] * xv) * em_silu(z);
+                    y[(long)row * e + d] = acc;
                 }
             }
+        }
+        for (int row = 0; row < rows; row++) {  // D skip and z gate, vectorized across this thread's channels
+            float *yr = y.data() + (long)row * e;
+            const float *x = xc.data() + (long)row * e, *z = proj.data() + (long)row * in_dim + e;
+            for (int d = d0; d < d1; d++) yr[d] = (yr[d] + L.w.D[d] * x[d]) * em_silu(z[d]);
         }
     };
     parallel(pool, job);
