@@ -344,7 +344,8 @@ def bench(artifact, tokens, prompt_len, context, repeats, threads, predict_devic
     if predict_device:
         from edgemamba.devices.cli import bench_prediction, echo_prediction
 
-        result["prediction"] = bench_prediction(artifact, predict_device, prompt_len, result or None)
+        result["prediction"] = bench_prediction(artifact, predict_device, prompt_len, result or None, engine=engine,
+                                                threads=threads)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

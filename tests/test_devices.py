@@ -11,7 +11,7 @@ from edgemamba.artifact import TARGETS, compile_artifact, load_artifact
 from edgemamba.checkpoint import load_checkpoint
 from edgemamba.devices.context import parse_contexts, plot_context
 from edgemamba.devices.fit import check_fit, weight_bytes
-from edgemamba.devices.predict import artifact_workload, predict, workload
+from edgemamba.devices.predict import artifact_engine, artifact_workload, predict, workload
 from edgemamba.devices.profiles import PROFILES, TARGET_COSTS, DeviceProfile, Figure, GiB, Processor, get_profile
 from edgemamba.errors import EdgeMambaError
 from edgemamba.spec import ModelSpec
@@ -171,7 +171,8 @@ def test_tvm_cuda_prefill_prediction_on_a_synthetic_profile(arch):
 
 
 def test_artifact_workload_uses_real_file_sizes_and_graph_nodes(tiny_artifact):
-    work = artifact_workload(tiny_artifact)
+    work = artifact_workload(tiny_artifact, "ort")  # ONNX Runtime: one launch per graph node
+    assert work.engine == "ort"
     assert work.weight_bytes == (tiny_artifact.path / "weights.bin").stat().st_size
     assert work.step_bytes == work.weight_bytes + 2 * tiny_artifact.spec.state_bytes(1)
     import onnx
@@ -179,6 +180,101 @@ def test_artifact_workload_uses_real_file_sizes_and_graph_nodes(tiny_artifact):
     step = onnx.load(str(tiny_artifact.file("step")), load_external_data=False)
     assert work.step_launches == sum(n.op_type != "Constant" for n in step.graph.node)
     assert work.step_launches > 10 * tiny_artifact.spec.n_layer
+
+    # the default engine runs the same bytes in a few thread-pool jobs a layer, not the graph's nodes
+    native = artifact_workload(tiny_artifact)
+    assert native.engine == "native" == artifact_engine(tiny_artifact)
+    assert native.step_bytes == work.step_bytes
+    spec = tiny_artifact.spec  # every matrix under 256 a side: one job each (_linear_jobs), conv, scan, head
+    assert native.step_launches == (2 + 4) * spec.n_layer + 1
+
+
+def _linear_jobs(fmt: str, shape) -> int:
+    """Thread-pool jobs of one linear layer in a native decode step (emcpu.cc `linear`, one row): float
+    weights with both sides at least 256 are split by input rows, then the threads' partial sums are
+    added (2 jobs); smaller float weights are split by columns, MatMulNBits weights by output rows (1)."""
+    return 2 if fmt in ("f32", "f16") and min(shape) >= 256 else 1
+
+
+def test_native_engine_prediction_structure_on_synthetic_profiles():
+    """ort-cpu's default engine: jobs counted from the engine's structure, efficiencies by storage
+    format, the state update per element by architecture, prefill in 128-row pieces."""
+    spec = dataclasses.replace(MAMBA_2P8B, n_layer=8)
+    mamba2 = ModelSpec("mamba2", 768, 8, 50280, 1536, 128, 4, n_heads=24, head_dim=64)
+    # decode jobs: conv and scan, the linear layers (Mamba-1: in, x, dt, out; Mamba-2: in, out), the head
+    d, e, n, r = spec.d_model, spec.d_inner, spec.d_state, spec.dt_rank
+    shapes = {spec: [(2 * e, d), (r + 2 * n, e), (e, r), (d, e)],  # (out, in)
+              mamba2: [(mamba2.in_proj_dim, 768), (768, 1536)]}
+    for s, mats in shapes.items():
+        for precision, fmt in (("fp32", "f32"), ("fp16", "f16"), ("int8", "q8"), ("int4", "q4")):
+            w = workload(s, "ort-cpu", precision)
+            assert w.engine == "native" and w.layer_format == fmt
+            assert w.step_launches == s.n_layer * (2 + sum(_linear_jobs(fmt, m) for m in mats)) + 1
+    # per-format efficiencies measured on a device apply to that format only (int4 keeps an 8-bit head)
+    base = _synthetic(10e9, 1e15)
+    fast_q8 = dataclasses.replace(base, measured_costs={"ort-cpu": {
+        "weight_read_efficiency.q8": Figure(1.0, "m"), "head_read_efficiency.q8": Figure(1.0, "m"),
+        "weight_read_efficiency.q4": Figure(0.8, "m"), "head_read_efficiency.q4": Figure(0.1, "m"),
+        "weight_read_efficiency": Figure(0.5, "m"), "head_read_efficiency": Figure(0.25, "m")}})
+    for precision in ("fp32", "int8", "int4"):
+        w = workload(spec, "ort-cpu", precision)
+        layer_eff = {"fp32": 0.5, "int8": 1.0, "int4": 0.8}[precision]
+        head_eff = {"fp32": 0.25, "int8": 1.0, "int4": 1.0}[precision]
+        assert predict(w, fast_q8).decode_memory_ms == pytest.approx(
+            1e3 * (w.body_bytes / (10e9 * layer_eff) + w.head_bytes / (10e9 * head_eff)))
+    # the state update: per state element, Mamba-2's (one exp a head) apart from Mamba-1's (one an element)
+    zero = {k: Figure(0.0, "m") for k in ("launch_s", "call_s")}
+    states = dataclasses.replace(base, measured_costs={"ort-cpu": {
+        **zero, "state_element_s": Figure(2e-9, "m"), "state_element_s.mamba2": Figure(5e-10, "m")}})
+    for s, per in ((spec, 2e-9), (mamba2, 5e-10)):
+        pred = predict(workload(s, "ort-cpu", "fp32"), states)
+        assert pred.decode_overhead_ms == pytest.approx(1e3 * s.n_layer * s.d_inner * s.d_state * per)
+    # prefill on a bandwidth-starved device: the engine reads the layer weights once per piece of a
+    # Session chunk (256 tokens; pieces of 128 rows for float weights, 64 for 8-bit blocks: NativeBackend's
+    # max_rows) and the head once per Session chunk: 512 tokens read the layers 4 (8) times, the head twice
+    starved = dataclasses.replace(_synthetic(1e7, 1e18), measured_costs={"ort-cpu": {
+        **zero, "state_element_s": Figure(0.0, "m"), **{f"{k}{v}": Figure(1.0, "m") for k in (
+            "weight_read_efficiency", "head_read_efficiency") for v in ("", ".q8")}}})
+    for precision, pieces in (("fp32", 4), ("int8", 8)):
+        w = workload(spec, "ort-cpu", precision)
+        pred = predict(w, starved, prompt_len=512, chunk=256)
+        layers = w.weight_bytes - w.head_bytes
+        assert 512 / pred.prefill_tokens_per_s == pytest.approx((pieces * layers + 2 * w.head_bytes) / 1e7, rel=1e-6)
+    # compute-bound: the rate is the processor's fp32 rate times the engine's GEMM efficiency for the format
+    slow_cpu = dataclasses.replace(_synthetic(1e15, 1e9), measured_costs={"ort-cpu": {
+        **zero, "state_element_s": Figure(0.0, "m"), "gemm_efficiency.q8": Figure(0.5, "m"),
+        "gemm_efficiency": Figure(1.0, "m")}})
+    f32, q8 = (predict(workload(spec, "ort-cpu", p), slow_cpu, prompt_len=512) for p in ("fp32", "int8"))
+    assert q8.prefill_tokens_per_s == pytest.approx(f32.prefill_tokens_per_s / 2, rel=1e-3)
+
+    # ONNX Runtime (`--engine ort`) keeps its own costs: node launches, the ONNX Scan's step
+    ort = workload(spec, "ort-cpu", "fp32", engine="ort")
+    cost = TARGET_COSTS["ort-cpu/ort"]
+    assert ort.engine == "ort" and ort.step_launches == 47 * spec.n_layer + 8
+    assert predict(ort, base).decode_overhead_ms == pytest.approx(1e3 * (
+        ort.step_launches * cost.launch_s.value + cost.call_s.value
+        + spec.n_layer * spec.d_inner * spec.d_state * cost.state_element_s.value))
+    with pytest.raises(EdgeMambaError, match="engine 'tensorrt' does not run ort-cpu"):
+        workload(spec, "ort-cpu", "fp32", engine="tensorrt")
+
+
+def test_profiles_round_trip_engine_and_format_costs():
+    """Measured costs of both ort-cpu engines and per-format variants survive JSON; unknown ones are refused."""
+    p = dataclasses.replace(_synthetic(10e9, 1e12), measured_costs={
+        "ort-cpu": {"launch_s": Figure(2e-6, "m"), "weight_read_efficiency.q4": Figure(0.6, "m"),
+                    "state_element_s.mamba2": Figure(1e-10, "m")},
+        "ort-cpu/ort": {"launch_s": Figure(1e-6, "m")}})
+    back = DeviceProfile.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert back == p
+    assert back.cost("ort-cpu").figure("weight_read_efficiency", "q4").value == 0.6
+    default = TARGET_COSTS["ort-cpu"]  # what was not measured stays the default: its variant, else its field
+    assert back.cost("ort-cpu").figure("weight_read_efficiency", "q8") == default.variants["weight_read_efficiency.q8"]
+    assert back.cost("ort-cpu").figure("weight_read_efficiency", "w8") == default.weight_read_efficiency
+    assert back.cost("ort-cpu", "ort").launch_s.value == 1e-6 and back.cost("ort-cpu").launch_s.value == 2e-6
+    for bad in ({"ort-cpu": {"weight_read_efficiency.q3": 1.0}}, {"ort-cpu/tvm": {"launch_s": 1.0}},
+                {"ort-cpu": {"launches_per_layer": 1.0}}):
+        with pytest.raises(EdgeMambaError, match="unknown measured cost"):
+            DeviceProfile.from_dict({**p.to_dict(), "measured_costs": bad})
 
 
 def test_every_profile_has_sourced_figures_and_the_issue_devices():
@@ -209,10 +305,17 @@ def test_cli_devices_probe_and_predict_beside_measurement(tiny_artifact, tmp_pat
     assert probed["cpu"]["memory_bytes"]["value"] == psutil.virtual_memory().total
     assert probed["cpu"]["bandwidth_bytes_per_s"]["value"] > 1e8
     assert probed["cpu"]["bandwidth_bytes_per_s"]["source"].startswith("measured")
-    ort_costs = probed["measured_costs"]["ort-cpu"]  # ONNX Runtime's own costs, measured here
+    ort_costs = probed["measured_costs"]["ort-cpu/ort"]  # ONNX Runtime's own costs, measured here
     assert set(ort_costs) == {"launch_s", "call_s", "weight_read_efficiency", "head_read_efficiency",
                               "state_element_s", "scan_step_s"}
     assert all(c["source"].startswith("measured") and c["value"] >= 0 for c in ort_costs.values())
+    native = probed["measured_costs"]["ort-cpu"]  # the native engine's, from synthetic models
+    formats = {f"{name}.{f}" for name, fs in (("weight_read_efficiency", "f16 q8 q4"), ("gemm_efficiency", "f16 q8 q4"),
+                                               ("head_read_efficiency", "f16 q8")) for f in fs.split()}
+    assert set(native) == {"launch_s", "call_s", "state_element_s", "state_element_s.mamba2", "weight_read_efficiency",
+                           "head_read_efficiency", "gemm_efficiency"} | formats
+    assert all(c["source"].startswith("measured") and c["value"] >= 0 for c in native.values())
+    assert all(0.05 < native[k]["value"] < 5 for k in native if "efficiency" in k)
     profile = tmp_path / "this.json"
     profile.write_text(r.stdout)
 

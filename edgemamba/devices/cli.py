@@ -11,12 +11,13 @@ from edgemamba.devices.profiles import GB, GiB, PROFILES, TERA, DeviceProfile, F
 from edgemamba.errors import EdgeMambaError
 
 
-def resolve_profile(name: str) -> DeviceProfile:
-    """A profile name, 'this' (probe this machine now), or a JSON file from `devices --probe --json`."""
+def resolve_profile(name: str, threads: int | None = None) -> DeviceProfile:
+    """A profile name, 'this' (probe this machine now, its engines' costs at `threads` threads), or a
+    JSON file from `devices --probe --json`."""
     from edgemamba.devices.probe import PROBE_NAME, probe
 
     if name == PROBE_NAME:
-        return probe()
+        return probe(threads=threads)
     if name in PROFILES or not name.endswith(".json"):
         return get_profile(name)
     path = Path(name)
@@ -139,13 +140,17 @@ def compile_choice(checkpoint, device: str, target: str | None, precision: str |
 
 
 # ---- bench --predict ----------------------------------------------------------------------------
-def bench_prediction(artifact_path, device: str, prompt_len: int, measured: dict | None) -> dict:
-    """The prediction for an artifact on a device, with its error against `measured` when given."""
+def bench_prediction(artifact_path, device: str, prompt_len: int, measured: dict | None, engine: str = "auto",
+                     threads: int | None = None) -> dict:
+    """The prediction for an artifact on a device, for the engine that ran the measurement (else the one
+    `engine` picks), with its error against `measured` when given; `threads`: of a probe of this machine."""
     from edgemamba.artifact import load_artifact
     from edgemamba.devices.predict import artifact_workload, predict
 
     art = load_artifact(artifact_path, verify=False)
-    pred = predict(artifact_workload(art), resolve_profile(device), prompt_len=prompt_len).to_dict()
+    engine = (measured or {}).get("engine") or engine
+    work = artifact_workload(art, engine)
+    pred = predict(work, resolve_profile(device, threads), prompt_len=prompt_len).to_dict()
     if measured:
         pred["error_vs_measured"] = {
             "decode": pred["decode_ms"] / measured["decode_ms"]["p50"] - 1,
@@ -155,8 +160,9 @@ def bench_prediction(artifact_path, device: str, prompt_len: int, measured: dict
 
 
 def echo_prediction(pred: dict) -> None:
+    engine = f", {pred['engine']} engine" if pred.get("engine") else ""
     click.echo(f"predicted   decode {pred['decode_ms']:.2f} ms/token on {pred['device']} ({pred['target']}/"
-               f"{pred['precision']}, {pred['decode_bound']}-bound: memory {pred['decode_memory_ms']:.2f} ms, "
+               f"{pred['precision']}{engine}, {pred['decode_bound']}-bound: memory {pred['decode_memory_ms']:.2f} ms, "
                f"compute {pred['decode_compute_ms']:.2f} ms, overhead {pred['decode_overhead_ms']:.2f} ms)")
     click.echo(f"predicted   prefill {pred['prefill_tokens_per_s']:.0f} tokens/s ({pred['prefill_tokens']}-token prompt)")
     err = pred.get("error_vs_measured")

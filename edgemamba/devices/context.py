@@ -119,6 +119,7 @@ def context_sweep(artifact, contexts: list[int], *, tokens: int = 64, threads: i
         p["transformer_decode_ms_scaled"] = base_ms * (tf_weights + kv) / mamba_step_bytes
     return {
         "artifact": str(session.artifact.path), "target": session.artifact.target, "precision": precision,
+        "engine": session.engine,
         "model": {"arch": spec.arch, "d_model": spec.d_model, "n_layer": spec.n_layer, "vocab_size": spec.vocab_size,
                   "n_params": spec.n_params, "source": spec.source},
         "decode_tokens_per_context": tokens, "threads": threads,
@@ -166,7 +167,9 @@ def plot_context(result: dict, path) -> object:
     for ax in (lat, mem):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{name} ({result['target']}/{result['precision']}) vs {tf['description']}", fontsize=10)
+    engine = result.get("engine", result["target"])
+    runs = f"{result['target']}/{result['precision']}" + (f", {engine} engine" if engine != result["target"] else "")
+    fig.suptitle(f"{name} ({runs}) vs {tf['description']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})  # no version string: same data, same bytes
     plt.close(fig)

@@ -75,6 +75,16 @@ def storage(precision: str) -> Storage:
         raise EdgeMambaError(f"unknown precision {precision!r}; known: {', '.join(STORAGE)}") from None
 
 
+def weight_formats(precision: str) -> tuple[str, str]:
+    """How `precision` stores the layer matrices and the head, as profiles.FORMATS names: "f32", "f16",
+    "q8" / "q4" (MatMulNBits blocks), "w8" (per-channel int8)."""
+    def name(st: Storage) -> str:
+        return {32: "f32", 16: "f16", 4: "q4"}.get(st.bits) or ("q8" if st.group else "w8")
+
+    st = storage(precision)
+    return name(st), name(st.head or st.embedding or st)
+
+
 def weight_bytes(spec: ModelSpec, precision: str) -> int:
     """Bytes of all weights stored at `precision` (scales included)."""
     st = storage(precision)

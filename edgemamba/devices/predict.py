@@ -1,19 +1,26 @@
 """Predicted per-token latency and prefill throughput on a device profile.
 
-A roofline plus the target's overheads:
+A roofline plus the overheads of the engine that runs the target:
 
     decode step    max(body bytes / bw + head bytes / bw_head, ops / peak)
                    + launches · launch_s + call_s + n_layer · state_elements · state_element_s
-    prefill chunk  max(weight bytes / bw, (T · token ops + head ops) / peak, K-tile steps · kloop_step_s)
-                   + launches · (launch_s + chunk_launch_extra_s) + call_s
-                   + T · n_layer · (scan_step_s + state_elements · state_element_s)
+    prefill chunk  Σ over the engine's pieces of the chunk (T rows: the whole chunk, or 128-row pieces)
+                     max(layer bytes / bw [+ head bytes / bw_head], (T · token ops [+ head ops]) / peak,
+                         K-tile steps · kloop_step_s)         [the head: once, with the last piece]
+                     + launches · (launch_s + chunk_launch_extra_s)
+                   + call_s + T · n_layer · (scan_step_s + state_elements · state_element_s)
 
 bw and peak are what the processor achieves (datasheet peak × efficiency, or a measurement from
-`edgemamba devices --probe`) times the target's own efficiency; body bytes are what one decode step
-streams besides the head: every layer weight once and the state read and written; the head (the
-tied embedding, or lm_head) is read whole once per step, and an untied embedding only one row. The
-state_element terms are for targets that run the recurrence as separate elementwise nodes (ONNX
-Runtime); fused targets have them in the roofline. scan_step_s is a scan that walks the chunk token by
+`edgemamba devices --probe`) times the engine's own efficiency for the weights' storage format
+(float32, float16, 8- or 4-bit blocks); body bytes are what one decode step streams besides the
+head: every layer weight once and the state read and written; the head (the tied embedding, or
+lm_head) is read whole once per step, and an untied embedding only one row. Launches are what the
+engine dispatches: ONNX Runtime's graph nodes (ort-cpu with `--engine ort`, counted in the artifact's
+graphs), the native CPU engine's thread-pool jobs (ort-cpu's default: a few a layer, by the weights'
+format), a GPU target's kernels. The state_element terms are the recurrence where it is not in the
+roofline: ONNX Runtime's separate elementwise nodes, the native engine's scan (per state element,
+with its conv and gates; its ops then leave the roofline: `roofline_scan`); fused GPU kernels have
+them at 0. scan_step_s is a scan that walks the chunk token by
 token (ONNX Scan iterations; tvm-cuda's conv and scan kernels). Products whose K loop bounds them at
 chunk sizes (a target's kloop_tiles: tvm-cuda's one wave of tiles) take their K-tile steps whatever T
 is. The workload comes from the ModelSpec at a precision, or from an artifact's real weight files and
@@ -25,8 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from edgemamba.devices.fit import MATRICES, storage, weight_bytes
-from edgemamba.devices.profiles import COMPUTE_DTYPE, DeviceProfile, target_cost
+from edgemamba.devices.fit import MATRICES, storage, weight_bytes, weight_formats
+from edgemamba.devices.profiles import COMPUTE_DTYPE, TARGET_ENGINES, DeviceProfile, cost_key, target_cost
 from edgemamba.spec import ModelSpec
 
 # Files of an artifact that hold weights (the exporter's weights.bin, compiled engines).
@@ -46,9 +53,14 @@ class Workload:
     body_bytes: int  # the rest a decode step streams: layer weights, one embedding row, the state read + written
     token_ops: float  # per token, the head excluded (a multiply-add counts 2)
     head_ops: float  # the head, once per decode step and per prefill chunk
-    step_launches: int  # graph nodes / kernels per decode step
-    chunk_launches: int  # graph nodes / kernels per prefill chunk, the scan loop excluded
+    step_launches: int  # graph nodes / kernels / thread-pool jobs per decode step
+    chunk_launches: int  # ... per prefill chunk (the engine's piece of one), the scan loop excluded
     chunk_ksteps: int = 0  # K-tile steps of the prefill's latency-bound products a chunk (the target's kloop_tiles)
+    arch: str = "mamba1"
+    engine: str = ""  # what runs the target: "native" or "ort" for ort-cpu ("": its only engine)
+    layer_format: str = "f32"  # storage of the layer matrices (profiles.FORMATS)
+    head_format: str = "f32"  # ... and of the head
+    matrix_ops: float = 0.0  # the part of token_ops in the layer projections
 
     @property
     def step_bytes(self) -> int:
@@ -59,12 +71,17 @@ class Workload:
         return self.token_ops + self.head_ops
 
 
+def matrix_ops(spec: ModelSpec) -> float:
+    """Per token: 2 per multiply-add of every layer projection (the head excluded)."""
+    return 2.0 * sum(math.prod(shape) for name, shape in spec.weight_shapes().items()
+                     if name.rsplit(".", 1)[-1] in MATRICES)
+
+
 def _token_ops(spec: ModelSpec) -> float:
-    """2 per multiply-add of every layer projection, the recurrence h' = exp(Δ·A)·h + Δ·x·B,
-    y = h'·C at ~7 ops per state element, and the conv, gates and norms."""
-    mats = sum(math.prod(shape) for name, shape in spec.weight_shapes().items() if name.rsplit(".", 1)[-1] in MATRICES)
+    """The layer projections, the recurrence h' = exp(Δ·A)·h + Δ·x·B, y = h'·C at ~7 ops per state
+    element, and the conv, gates and norms."""
     per_layer = 7 * spec.d_inner * spec.d_state + 2 * spec.conv_dim * spec.d_conv + 12 * spec.d_inner + 6 * spec.d_model
-    return 2.0 * mats + spec.n_layer * per_layer
+    return matrix_ops(spec) + spec.n_layer * per_layer
 
 
 def kloop_steps(spec: ModelSpec, tiles: dict[str, int]) -> int:
@@ -76,18 +93,24 @@ def kloop_steps(spec: ModelSpec, tiles: dict[str, int]) -> int:
     return spec.n_layer * per_layer
 
 
-def workload(spec: ModelSpec, target: str, precision: str, *, weights: int | None = None,
+def workload(spec: ModelSpec, target: str, precision: str, *, engine: str | None = None, weights: int | None = None,
              step_launches: int | None = None, chunk_launches: int | None = None) -> Workload:
-    """From the spec at `precision`; `weights` (real weight-file bytes) and the launch counts of
-    real graphs replace the estimates when known."""
-    cost = target_cost(target)
+    """From the spec at `precision`, run by `engine` (the target's default when None); `weights`
+    (real weight-file bytes) and the launch counts of real graphs replace the estimates when known."""
+    key = cost_key(target, engine)
+    cost = target_cost(key)
+    layer_format, head_format = weight_formats(precision)
     st = storage(precision)
     estimated = weight_bytes(spec, precision)
     scale = 1.0 if weights is None else weights / estimated  # spread real file bytes over the parts
     head = st.head_bytes(spec.vocab_size, spec.d_model)
     table = st.tables_bytes(spec) - head  # an embedding stored apart from the head (0: one table serves both)
     unread = max(0, table - st.embedding_bytes(1, spec.d_model))  # a step gathers one row of it
-    default = cost.launches_per_layer[spec.arch] * spec.n_layer + cost.launches_fixed
+    per_linear = cost.launches_per_linear.get(layer_format, 0)
+    linears = sum(per_linear if min(shape) >= cost.split_linear_min else min(per_linear, 1)
+                  for name, shape in spec.weight_shapes().items()
+                  if name.startswith("layers.0.") and name.rsplit(".", 1)[-1] in MATRICES)
+    default = (cost.launches_per_layer[spec.arch] + linears) * spec.n_layer + cost.launches_fixed
     default_chunk = cost.chunk_launches_per_layer[spec.arch] * spec.n_layer + cost.chunk_launches_fixed
     return Workload(
         target=target, precision=precision, n_layer=spec.n_layer, state_elements=spec.d_inner * spec.d_state,
@@ -97,6 +120,8 @@ def workload(spec: ModelSpec, target: str, precision: str, *, weights: int | Non
         step_launches=default if step_launches is None else step_launches,
         chunk_launches=default_chunk if chunk_launches is None else chunk_launches,
         chunk_ksteps=kloop_steps(spec, cost.kloop_tiles),
+        arch=spec.arch, engine=key.partition("/")[2] or TARGET_ENGINES.get(target, ("",))[0],
+        layer_format=layer_format, head_format=head_format, matrix_ops=matrix_ops(spec),
     )
 
 
@@ -109,18 +134,36 @@ def _graph_launches(path) -> int:
     return sum(node.op_type != "Constant" for node in graph.node)
 
 
-def artifact_workload(artifact) -> Workload:
-    """From an artifact: its real weight-file sizes, and its graphs' node counts where they are ONNX."""
+def artifact_engine(artifact, engine: str | None = "auto") -> str:
+    """The engine that runs an artifact, as a Session given `engine` picks it ("auto": the target's
+    default engine where it runs the artifact's precision and state, else the next one); "" for a
+    target with one engine."""
+    engines = TARGET_ENGINES.get(artifact.target)
+    if not engines:
+        return ""
+    if engine not in (None, "", "auto"):
+        cost_key(artifact.target, engine)  # refuses an engine the target does not have
+        return engine
+    from edgemamba.runtimes.native import NATIVE_PRECISIONS
+
+    float_state = all(e["dtype"] == "float32" for e in artifact.manifest["state"])
+    return engines[0] if artifact.precision in NATIVE_PRECISIONS and float_state else engines[1]
+
+
+def artifact_workload(artifact, engine: str | None = "auto") -> Workload:
+    """From an artifact: its real weight-file sizes, and, for an engine that runs its ONNX graphs node
+    by node, their node counts."""
+    engine = artifact_engine(artifact, engine)
     files = artifact.manifest["files"]
     weights = sum(info["bytes"] for name, info in files.items() if name.endswith(WEIGHT_FILE_SUFFIXES)) or None
     launches = {}
-    for kind in ("step", "prefill"):
+    for kind in ("step", "prefill") if target_cost(cost_key(artifact.target, engine)).graph_launches else ():
         if kind not in artifact.manifest["graphs"]:  # a compiled library (tvm-*): the target's kernel counts
             continue
         path = artifact.file(kind)
         if path.suffix == ".onnx" and path.exists():
             launches[kind] = _graph_launches(path)
-    return workload(artifact.spec, artifact.target, artifact.precision, weights=weights,
+    return workload(artifact.spec, artifact.target, artifact.precision, engine=engine, weights=weights,
                     step_launches=launches.get("step"), chunk_launches=launches.get("prefill"))
 
 
@@ -129,6 +172,7 @@ class Prediction:
     device: str
     target: str
     precision: str
+    engine: str  # "native" or "ort" for ort-cpu; "" for a target with one engine
     decode_ms: float
     decode_bound: str  # "bandwidth" or "compute": the larger roofline term
     decode_memory_ms: float
@@ -147,30 +191,37 @@ class Prediction:
 
 def predict(work: Workload, profile: DeviceProfile, *, prompt_len: int = 512, chunk: int = 256) -> Prediction:
     proc = profile.processor(work.target)
-    cost = profile.cost(work.target)
-    bandwidth = proc.achievable_bandwidth() * cost.weight_read_efficiency.value
-    head_bandwidth = proc.achievable_bandwidth() * cost.head_read_efficiency.value
-    ops = proc.achievable_ops(COMPUTE_DTYPE[work.precision]) * cost.gemm_efficiency.value
-    state_s = work.n_layer * work.state_elements * cost.state_element_s.value  # per token
+    cost = profile.cost(work.target, work.engine)
+    bandwidth = proc.achievable_bandwidth() * cost.figure("weight_read_efficiency", work.layer_format).value
+    head_bandwidth = proc.achievable_bandwidth() * cost.figure("head_read_efficiency", work.head_format).value
+    ops = (proc.achievable_ops(cost.compute_dtype or COMPUTE_DTYPE[work.precision])
+           * cost.figure("gemm_efficiency", work.layer_format).value)
+    state_s = work.n_layer * work.state_elements * cost.figure("state_element_s", work.arch).value  # per token
+    token_ops = work.token_ops if cost.roofline_scan else work.matrix_ops  # else the scan is all in state_s
 
     memory_s = work.body_bytes / bandwidth + work.head_bytes / head_bandwidth
-    compute_s = work.step_ops / ops
+    compute_s = (token_ops + work.head_ops) / ops
     overhead_s = work.step_launches * cost.launch_s.value + cost.call_s.value + state_s
 
-    scan_s = work.n_layer * cost.scan_step_s.value + state_s  # per prefill token
+    scan_s = work.n_layer * cost.figure("scan_step_s", work.arch).value + state_s  # per prefill token
     kloop_s = work.chunk_ksteps * cost.kloop_step_s.value  # per chunk, whatever its length
     chunk_launch_s = cost.launch_s.value + cost.chunk_launch_extra_s.value
+    layer_bytes = work.weight_bytes - work.head_bytes
     prefill_s = 0.0
     for start in range(0, prompt_len, chunk):  # the Session feeds the prompt in chunks
         t = min(chunk, prompt_len - start)
-        roof = max((work.weight_bytes - work.head_bytes) / bandwidth + work.head_bytes / head_bandwidth,
-                   (t * work.token_ops + work.head_ops) / ops, kloop_s)
-        prefill_s += roof + work.chunk_launches * chunk_launch_s + cost.call_s.value + t * scan_s
+        rows = cost.engine_chunk_rows.get(work.layer_format) or t  # ... and the engine runs each in pieces
+        for first in range(0, t, rows):
+            r, last = min(rows, t - first), first + rows >= t  # the logits: the last piece's last row
+            roof = max(layer_bytes / bandwidth + (work.head_bytes / head_bandwidth if last else 0.0),
+                       (r * token_ops + (work.head_ops if last else 0.0)) / ops, kloop_s)
+            prefill_s += roof + work.chunk_launches * chunk_launch_s
+        prefill_s += cost.call_s.value + t * scan_s
     return Prediction(
-        device=profile.name, target=work.target, precision=work.precision,
+        device=profile.name, target=work.target, precision=work.precision, engine=work.engine,
         decode_ms=1e3 * (max(memory_s, compute_s) + overhead_s),
         decode_bound="bandwidth" if memory_s >= compute_s else "compute",
         decode_memory_ms=1e3 * memory_s, decode_compute_ms=1e3 * compute_s, decode_overhead_ms=1e3 * overhead_s,
         prefill_tokens_per_s=prompt_len / prefill_s, prefill_tokens=prompt_len,
-        bandwidth_bytes_per_s=bandwidth, ops_per_s=ops, step_bytes=work.step_bytes, step_ops=work.step_ops,
+        bandwidth_bytes_per_s=bandwidth, ops_per_s=ops, step_bytes=work.step_bytes, step_ops=token_ops + work.head_ops,
     )

@@ -569,12 +569,17 @@ def measure_scan_step(torch, art) -> Figure:
 
 
 def probe(*, gpu: bool = True, threads: int | None = None, costs: bool = True, tvm_library=None) -> DeviceProfile:
-    """This machine; `costs`: also measure ONNX Runtime's and the GPU's own costs here (a few seconds);
-    `tvm_library`: a tvm-cuda artifact built for this GPU whose prefill conv and scan give tvm-cuda's
-    scan_step_s (without one, the profile's default stands)."""
+    """This machine; `costs`: also measure the CPU engines' (native, ONNX Runtime; at `threads` threads,
+    default the physical cores) and the GPU's own costs here (some seconds); `tvm_library`: a tvm-cuda
+    artifact built for this GPU whose prefill conv and scan give tvm-cuda's scan_step_s (without one,
+    the profile's default stands)."""
     library = None if tvm_library is None else tvm_cuda_artifact(tvm_library)  # refused before any measuring
     cpu = probe_cpu(threads)
-    measured = {"ort-cpu": measure_ort_costs(cpu.bandwidth.value, bandwidth_test_bytes(), threads)} if costs else {}
+    measured = {"ort-cpu/ort": measure_ort_costs(cpu.bandwidth.value, bandwidth_test_bytes(), threads)} if costs else {}
+    if costs:
+        from edgemamba.devices.probe_native import probe_native_costs
+
+        measured.update(probe_native_costs(cpu, threads or _physical_cores()))
     gpu_proc = probe_gpu() if gpu else None
     if gpu_proc is not None and costs:
         import torch

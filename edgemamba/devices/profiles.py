@@ -103,9 +103,14 @@ class DeviceProfile:
     # target -> TargetCost fields measured on this device (`devices --probe` measures ort-cpu's)
     measured_costs: dict[str, dict[str, Figure]] = field(default_factory=dict)
 
-    def cost(self, target: str) -> TargetCost:
-        """The target's costs, with what was measured on this device in place of the defaults."""
-        return dataclasses.replace(target_cost(target), **self.measured_costs.get(target, {}))
+    def cost(self, target: str, engine: str | None = None) -> TargetCost:
+        """The costs of the engine that runs the target (its default engine unless given), with what was
+        measured on this device in place of the defaults."""
+        key = cost_key(target, engine)
+        base, measured = target_cost(key), self.measured_costs.get(key, {})
+        plain = {k: v for k, v in measured.items() if "." not in k}
+        variants = {**base.variants, **{k: v for k, v in measured.items() if "." in k}}
+        return dataclasses.replace(base, **plain, variants=variants)
 
     def processor(self, target: str) -> Processor:
         kind = target_cost(target).processor
@@ -124,8 +129,7 @@ class DeviceProfile:
     def from_dict(cls, d: dict) -> DeviceProfile:
         try:
             costs = {t: {k: Figure.from_dict(v) for k, v in c.items()} for t, c in d.get("measured_costs", {}).items()}
-            known = {f.name for f in dataclasses.fields(TargetCost)}
-            bad = [f"{t}.{k}" for t, c in costs.items() for k in c if t not in TARGET_COSTS or k not in known]
+            bad = [f"{t}.{k}" for t, c in costs.items() for k in c if t not in TARGET_COSTS or not _cost_name(k)]
             if bad:
                 raise EdgeMambaError(f"invalid device profile: unknown measured cost(s) {', '.join(bad)}")
             return cls(name=d["name"], title=d["title"], cpu=Processor.from_dict(d["cpu"]),
@@ -159,10 +163,43 @@ class TargetCost:
     kloop_step_s: Figure = Figure(0.0, "no latency-bound prefill products")
     chunk_launch_extra_s: Figure = Figure(0.0, "a prefill kernel costs what a step's does")  # per prefill kernel
     notes: str = ""
+    # A Figure that differs by the weights' storage format or the architecture, as "field.variant"
+    # (e.g. "weight_read_efficiency.q8", "state_element_s.mamba2"); `figure` falls back to the field.
+    variants: dict[str, Figure] = field(default_factory=dict)
+    # storage format -> launches each linear layer adds to a decode step (on top of launches_per_layer);
+    # a layer with a side below split_linear_min adds at most one
+    launches_per_linear: dict[str, int] = field(default_factory=dict)
+    split_linear_min: int = 0
+    # storage format -> prefill rows the engine runs at a time within a Session chunk (absent: all of it)
+    engine_chunk_rows: dict[str, int] = field(default_factory=dict)
+    compute_dtype: str = ""  # the dtype every precision's matrix products run in ("": COMPUTE_DTYPE's)
+    graph_launches: bool = False  # an artifact's ONNX graphs count its launches (one per node)
+    roofline_scan: bool = True  # the recurrence's ops count in the compute roofline (False: in state_element_s only)
+
+    def figure(self, name: str, *variants: str) -> Figure:
+        """Field `name` for the first of `variants` (storage formats, architectures) that has its own."""
+        for v in variants:
+            if f"{name}.{v}" in self.variants:
+                return self.variants[f"{name}.{v}"]
+        return getattr(self, name)
 
 
-# Defaults for devices not probed; `edgemamba devices --probe` measures these on the machine itself
-# (probe.measure_ort_costs). Ranges: the 2-core CI machine and a quiet 16-core Xeon (RESULTS.md).
+# Weight storage formats (fit.weight_formats): float32, float16, MatMulNBits 8-bit and 4-bit blocks,
+# w8a8's per-channel int8; with the architectures, what a TargetCost figure can vary by.
+FORMATS = ("f32", "f16", "q8", "q4", "w8")
+_VARIANTS = FORMATS + ("mamba1", "mamba2")
+_FIGURES = {f.name for f in dataclasses.fields(TargetCost) if f.type in ("Figure", Figure)}
+
+
+def _cost_name(name: str) -> bool:
+    """A measured cost's name: a Figure field, or "field.variant"."""
+    base, _, variant = name.partition(".")
+    return base in _FIGURES and (not variant or variant in _VARIANTS)
+
+
+# ONNX Runtime running ort-cpu (`--engine ort`): defaults for devices not probed; `edgemamba devices
+# --probe` measures these on the machine itself (probe.measure_ort_costs). Ranges: the 2-core CI machine
+# and a quiet 16-core Xeon (RESULTS.md).
 _ORT_NOTE = "measured: ONNX Runtime micro-graphs (devices/probe.py measure_ort_costs)"
 _CUDA_LAUNCH = est(3e-6, "one kernel launch from a CUDA graph / TensorRT enqueue, 2-4 µs")
 # GPU per-kernel and per-call costs measured on an H100 SXM (`edgemamba devices --probe` there:
@@ -202,12 +239,61 @@ _TVM_GEMV = Figure(0.85, "measured: TVM's own matrix-vector kernels on an H100 (
                          "section) stream 2.2 TB/s (mamba-1.4b in_proj) to 2.8 TB/s (lm_head) against a 2.95 TB/s "
                          "copy: 0.75-0.94")
 
-# Decode-step launches per layer: ort-cpu counts the exporter's graph nodes (Constant nodes
+# The native CPU engine (runtimes/native.py, kernels/cpu/emcpu.cc), ort-cpu's default engine. A decode
+# step is a few thread-pool jobs a layer: conv and scan, and per linear layer one job (MatMulNBits
+# weights, split by output rows; float weights with a side under 256, split by columns) or two (larger
+# float weights, split by input rows, then the partial sums added); the head is one more. A prefill runs
+# chunks of 128 rows (64 for 8- and 4-bit weights: NativeBackend's max_rows): norm, each linear, conv,
+# scan (+ the gated norm of Mamba-2) one job each. `edgemamba devices --probe` measures every figure below on the
+# machine (probe_native.measure_native_costs: synthetic models through the engine's C API). These
+# defaults are the median of 6 such probes on this project's 2-core AMD EPYC (Zen 5, KVM) at 2 threads
+# (engine of git df881c8); efficiencies are against that machine's probed references, whose medians
+# were 45.0 GB/s NumPy matrix-vector bandwidth (37.6-58.7 over the probes) and 239 GFLOP/s ONNX Runtime
+# (MLAS, AVX-512) fp32 rate (216-411). The engine's own rates, beside each figure, moved less.
+_NATIVE = "measured: native engine, synthetic models (probe_native), 6 probes, 2-core AMD EPYC Zen 5, 2 threads"
+_NATIVE_COST = TargetCost(
+    processor="cpu",
+    launches_per_layer={"mamba1": 2, "mamba2": 2},
+    launches_fixed=1,
+    chunk_launches_per_layer={"mamba1": 7, "mamba2": 6},
+    chunk_launches_fixed=1,
+    launch_s=Figure(0.35e-6, f"{_NATIVE}: 0.34-0.36 µs a thread-pool job (dispatch, join) on a quiet machine; "
+                             "1-200 µs when another process takes one of the two cores"),
+    call_s=Figure(2.5e-6, f"{_NATIVE}: one step call beyond its jobs (ctypes, embedding row, final norm)"),
+    scan_step_s=Figure(0.0, "the engine's scan is counted per state element (state_element_s)"),
+    state_element_s=Figure(0.53e-9, f"{_NATIVE}: 0.52-0.59 ns per state element a token and layer, a Mamba-1 scan "
+                                    "(an exp an element) with its conv and gates"),
+    weight_read_efficiency=Figure(1.18, f"{_NATIVE}: float32 layer weights streamed by decode steps, 44-67 GB/s"),
+    head_read_efficiency=Figure(1.34, f"{_NATIVE}: the float32 head (output-row split), 47-79 GB/s"),
+    gemm_efficiency=Figure(0.83, f"{_NATIVE}: the panel GEMM, float32 weights packed, 194-206 GFLOP/s"),
+    runtime_bytes=Figure(40 * MiB, "measured: 35 MiB resident set of a Session (Python, NumPy, the engine) on a "
+                                   "2-layer d_model-64 artifact"),
+    variants={
+        "state_element_s.mamba2": Figure(0.062e-9, f"{_NATIVE}: 0.059-0.087 ns, a Mamba-2 scan (an exp a head)"),
+        "weight_read_efficiency.f16": Figure(0.86, f"{_NATIVE}: float16 layer weights, 35-45 GB/s"),
+        "weight_read_efficiency.q8": Figure(0.99, f"{_NATIVE}: 8-bit blocks (int16 dot products), 39-51 GB/s"),
+        "weight_read_efficiency.q4": Figure(0.64, f"{_NATIVE}: 4-bit blocks (int8 dot products), 24-31 GB/s"),
+        "head_read_efficiency.f16": Figure(1.25, f"{_NATIVE}: a float16 head, 47-67 GB/s"),
+        "head_read_efficiency.q8": Figure(1.11, f"{_NATIVE}: an 8-bit head, 38-54 GB/s"),
+        "gemm_efficiency.f16": Figure(0.76, f"{_NATIVE}: float16 weights packed into float32 panels, 178-189 GFLOP/s"),
+        "gemm_efficiency.q8": Figure(0.75, f"{_NATIVE}: 8-bit blocks dequantized into panels, 176-183 GFLOP/s"),
+        "gemm_efficiency.q4": Figure(0.77, f"{_NATIVE}: 4-bit blocks dequantized into panels, 180-187 GFLOP/s"),
+    },
+    launches_per_linear={"f32": 2, "f16": 2, "q8": 1, "q4": 1},
+    split_linear_min=256,
+    engine_chunk_rows={"f32": 128, "f16": 128, "q8": 64, "q4": 64},
+    compute_dtype="fp32",  # weight-only: quantized weights are dequantized into float32 panels
+    roofline_scan=False,  # the scan is a loop of its own: state_element_s, measured
+)
+
+# Decode-step launches per layer: ort-cpu on ONNX Runtime counts the exporter's graph nodes (Constant nodes
 # folded away); tensorrt counts its kernels (an estimate: norm, in_proj, conv, x_proj, dt_proj,
-# scan update, gate, out_proj, residual); tvm-* count the TIR kernels of their step.
+# scan update, gate, out_proj, residual); tvm-* count the TIR kernels of their step. Keys: targets
+# (their default engine), and "target/engine" for another engine of a target (TARGET_ENGINES).
 TARGET_COSTS: dict[str, TargetCost] = {
-    "ort-cpu": TargetCost(
-        processor="cpu",
+    "ort-cpu": _NATIVE_COST,
+    "ort-cpu/ort": TargetCost(
+        processor="cpu", graph_launches=True,
         launches_per_layer={"mamba1": 47, "mamba2": 52},
         launches_fixed=8,
         chunk_launches_per_layer={"mamba1": 47, "mamba2": 52},  # estimate: an artifact's prefill graph is counted
@@ -224,7 +310,7 @@ TARGET_COSTS: dict[str, TargetCost] = {
         runtime_bytes=est(128 * MiB, "Python, NumPy and ONNX Runtime resident set with a tiny model (measured ~140 MiB)"),
     ),
     "tensorrt": TargetCost(
-        processor="gpu", launches_per_layer={"mamba1": 9, "mamba2": 10}, launches_fixed=4,
+        processor="gpu", graph_launches=True, launches_per_layer={"mamba1": 9, "mamba2": 10}, launches_fixed=4,
         chunk_launches_per_layer={"mamba1": 9, "mamba2": 10}, chunk_launches_fixed=4, launch_s=_CUDA_LAUNCH,
         call_s=est(20e-6, "enqueue + stream sync"), scan_step_s=est(0.0, "fused selective-scan plugin"),
         state_element_s=est(0.0, "fused: in the roofline"),
@@ -269,11 +355,27 @@ TARGET_COSTS: dict[str, TargetCost] = {
 }
 
 
+# Targets that more than one engine runs, the default (what engine "auto" picks where it can) first.
+TARGET_ENGINES = {"ort-cpu": ("native", "ort")}
+
+
+def cost_key(target: str, engine: str | None = None) -> str:
+    """The TARGET_COSTS key of `engine` running `target`: the target itself for its default engine."""
+    engines = TARGET_ENGINES.get(target, ())
+    if engine in (None, "", "auto", target) or not engines or engine == engines[0]:
+        return target
+    if engine not in engines:
+        raise EdgeMambaError(f"engine {engine!r} does not run {target}; its engines: {', '.join(engines)}")
+    return f"{target}/{engine}"
+
+
 def target_cost(target: str) -> TargetCost:
+    """A target's costs (its default engine), or another engine's as "target/engine"."""
     try:
         return TARGET_COSTS[target]
     except KeyError:
-        raise EdgeMambaError(f"unknown target {target!r}; known: {', '.join(TARGET_COSTS)}") from None
+        known = ", ".join(t for t in TARGET_COSTS if "/" not in t)
+        raise EdgeMambaError(f"unknown target {target!r}; known: {known}") from None
 
 
 # ---------------------------------------------------------------------------------------------
