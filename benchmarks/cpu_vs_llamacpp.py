@@ -46,6 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cpu_vs_transformers import PAIRED_FLAT  # two Sessions of one process stepped alternately (this directory)
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "benchmarks" / ".cache"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
@@ -401,23 +403,6 @@ def measure(llama: LlamaCpp, gguf: Path, art: Path | None, threads: int, rounds:
     return {"figures": fig, "raw": raw}
 
 
-PAIRED_FLAT = """
-import sys, time, numpy as np
-from edgemamba import Session
-art, threads, near_ctx, far_ctx, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-rng = np.random.default_rng(0)
-near, far = Session(art, threads=threads), Session(art, threads=threads)
-vocab = near.spec.vocab_size
-near.prefill(rng.integers(0, vocab, near_ctx)); far.prefill(rng.integers(0, vocab, far_ctx))
-ids = rng.integers(0, vocab, steps + 10)
-t_near, t_far = [], []
-for i, tok in enumerate(ids):  # alternate which goes first, so neither always follows the other
-    for s, out in ((near, t_near), (far, t_far)) if i % 2 else ((far, t_far), (near, t_near)):
-        t = time.perf_counter(); s.step([tok]); out.append(time.perf_counter() - t)
-print(np.median(t_near[10:]) * 1e3, np.median(t_far[10:]) * 1e3, near.engine)
-"""
-
-
 def context_check(art: Path, threads: int, args) -> dict:
     """edgemamba decode p50 after 64 and after 32,768 context tokens: two sessions of one process,
     stepped alternately token by token, so both see the same machine noise at the same moment
@@ -702,7 +687,7 @@ def render(run_: Run) -> str:
     if run_.flat:
         out += ["", f"**Flat latency** (edgemamba fp32, {BINDING_THREADS} threads: decode p50 after C context tokens, "
                 f"two Sessions in one process, one prefilled with 64 tokens and one with {args.long_context:,}, stepped "
-                f"alternately for {args.tokens} tokens (`PAIRED_FLAT` in the script), median of {args.context_rounds} "
+                f"alternately for {args.tokens} tokens (`PAIRED_FLAT` in benchmarks/cpu_vs_transformers.py), median of {args.context_rounds} "
                 "processes; bar: within 5%)", "",
                 f"| model | others | p50 at 64, ms | p50 at {args.long_context:,}, ms | ratio | within 5% |",
                 "|---|---|---|---|---|---|"]

@@ -61,23 +61,28 @@ def bench_step_prefill(art: Path, threads: int, n: int) -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
+PAIRED_FLAT = """
+import sys, time, numpy as np
+from edgemamba import Session
+art, threads, near_ctx, far_ctx, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rng = np.random.default_rng(0)
+near, far = Session(art, threads=threads), Session(art, threads=threads)
+vocab = near.spec.vocab_size
+near.prefill(rng.integers(0, vocab, near_ctx)); far.prefill(rng.integers(0, vocab, far_ctx))
+ids = rng.integers(0, vocab, steps + 10)
+t_near, t_far = [], []
+for i, tok in enumerate(ids):  # alternate which goes first, so neither always follows the other
+    for s, out in ((near, t_near), (far, t_far)) if i % 2 else ((far, t_far), (near, t_near)):
+        t = time.perf_counter(); s.step([tok]); out.append(time.perf_counter() - t)
+print(np.median(t_near[10:]) * 1e3, np.median(t_far[10:]) * 1e3, near.engine)
+"""
+
+
 def paired_flatness(art: Path, threads: int, far: int, near: int = 64, steps: int = 300) -> tuple[float, float]:
     """p50 decode ms at context `near` and `far`, measured in one process by stepping two sessions
     alternately: both see the same machine noise at the same moment."""
-    code = f"""
-import time, numpy as np
-from edgemamba import Session
-rng = np.random.default_rng(0)
-near, far = Session({str(art)!r}, threads={threads}), Session({str(art)!r}, threads={threads})
-near.prefill(rng.integers(0, 50280, {near})); far.prefill(rng.integers(0, 50280, {far}))
-ids = rng.integers(0, 50280, {steps} + 10)
-t_near, t_far = [], []
-for i, tok in enumerate(ids):
-    for s, out in ((near, t_near), (far, t_far)) if i % 2 else ((far, t_far), (near, t_near)):
-        t = time.perf_counter(); s.step([tok]); out.append(time.perf_counter() - t)
-print(np.median(t_near[10:]) * 1e3, np.median(t_far[10:]) * 1e3)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    cmd = [sys.executable, "-c", PAIRED_FLAT, str(art), str(threads), str(near), str(far), str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
     return float(out[0]), float(out[1])
 
 

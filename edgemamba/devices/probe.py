@@ -10,7 +10,6 @@ so their efficiencies are 1.
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from edgemamba.devices.profiles import GiB, MiB, DeviceProfile, Figure, Processor, est
 from edgemamba.errors import EdgeMambaError
+from edgemamba.runtimes import physical_cores
 
 PROBE_NAME = "this"
 
@@ -75,7 +75,7 @@ def measure_fp32_flops(m: int = 256, n: int = 2048, repeats: int = 9, threads: i
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or _physical_cores()
+    so.intra_op_num_threads = threads or physical_cores()
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = np.ones((m, n), np.float32)
     return 2.0 * m * n * n / _median_seconds(lambda: sess.run(None, {"x": x}), repeats)
@@ -104,7 +104,7 @@ def measure_ort_costs(read_bandwidth: float, nbytes: int, threads: int | None = 
     """
     from onnx import TensorProto, helper, numpy_helper
 
-    threads = threads or _physical_cores()
+    threads = threads or physical_cores()
     f32, vi = TensorProto.FLOAT, helper.make_tensor_value_info
 
     def model(nodes, inputs, outputs, inits=()):
@@ -202,12 +202,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _physical_cores() -> int:
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
 def probe_cpu(threads: int | None = None) -> Processor:
     """`threads`: ONNX Runtime threads for the fp32 rate (default: all physical cores); NumPy's
     BLAS threads are set by its environment (OPENBLAS_NUM_THREADS) before it loads."""
@@ -225,7 +219,7 @@ def probe_cpu(threads: int | None = None) -> Processor:
         peak["fp16"] = est(2 * fp32, "2× the measured fp32 rate (fp16 arithmetic present)")
     memory = Figure(float(vm.total), "measured: psutil total memory")
     return Processor(
-        kind="cpu", name=f"{_cpu_model()} ({platform.machine()})", cores=_physical_cores(), memory=memory,
+        kind="cpu", name=f"{_cpu_model()} ({platform.machine()})", cores=physical_cores(), memory=memory,
         usable_memory=Figure(float(vm.available), "measured: psutil available memory now"),
         bandwidth=Figure(bandwidth, f"measured: NumPy float32 matrix-vector product over {bandwidth_bytes // MiB} "
                                     "MiB, median of 5"),
@@ -295,17 +289,13 @@ def _kernels_per_call(torch, fn) -> int:
 
 
 def _cudart():
-    """The CUDA runtime torch loaded (what the runtimes call for copies and graph launches)."""
-    import ctypes
+    """The CUDA runtime (the one the runtimes call for copies and graph launches), or None."""
+    from edgemamba.runtimes.tvm import _cudart as load
 
-    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return lib
-    return None
+    try:
+        return load()
+    except EdgeMambaError:
+        return None
 
 
 def measure_gpu_costs(copy_bandwidth: float) -> dict[str, Figure]:
@@ -579,7 +569,7 @@ def probe(*, gpu: bool = True, threads: int | None = None, costs: bool = True, t
     if costs:
         from edgemamba.devices.probe_native import probe_native_costs
 
-        measured.update(probe_native_costs(cpu, threads or _physical_cores()))
+        measured.update(probe_native_costs(cpu, threads or physical_cores()))
     gpu_proc = probe_gpu() if gpu else None
     if gpu_proc is not None and costs:
         import torch

@@ -307,11 +307,12 @@ class NativeBackend:
             else:
                 L.dt_bias = _ptr(idx.vector(p + "dt_bias", s.n_heads))
                 L.A = _ptr(idx.vector(p + "A", s.n_heads))
-                D = idx.array(p + "D")  # per head (fused layout) or repeated per channel
-                if D.size == s.n_heads:
-                    D = np.repeat(D.astype(np.float32), s.head_dim)
+                per_head = idx.array(p + "D").size == s.n_heads  # the fused layout, else repeated per channel
+                D = idx.vector(p + "D", s.n_heads if per_head else e)
+                if per_head:
+                    D = np.repeat(D, s.head_dim)
                     self._keep.append(D)
-                L.D = _ptr(idx.vector(p + "D", e) if D.size != e else D)
+                L.D = _ptr(D)
                 L.gate_norm = _ptr(idx.vector(p + "gate_norm", e))
             L.in_proj = idx.layer_matrix(p + "in_proj", s.d_model, in_dim)
             L.out_proj = idx.layer_matrix(p + "out_proj", e, s.d_model)

@@ -379,6 +379,7 @@ def _cudart():
         lib.cudaStreamBeginCapture.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.cudaStreamEndCapture.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.cudaGraphInstantiate.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong]
+        lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         return lib
     raise EdgeMambaError("the CUDA runtime library (libcudart) was not found")
 

@@ -243,23 +243,6 @@ inline float weight_value(uint16_t v) { return half_to_float(v); }
 // ---------------------------------------------------------------------------------------------
 constexpr int kSmallM = 4;  // up to this many rows: stream the weights once, no packing
 
-// One element of a weight in any format: W[kk, nn] (tests and tails only; never in hot loops).
-inline float weight_at(const em_weight &w, int kk, int nn) {
-    switch (w.fmt) {
-    case EM_F32_KN: return static_cast<const float *>(w.data)[(long)kk * w.n + nn];
-    case EM_F16_KN: return half_to_float(static_cast<const uint16_t *>(w.data)[(long)kk * w.n + nn]);
-    case EM_F32_NK: return static_cast<const float *>(w.data)[(long)nn * w.k + kk];
-    case EM_F16_NK: return half_to_float(static_cast<const uint16_t *>(w.data)[(long)nn * w.k + kk]);
-    default: break;
-    }
-    int nb = (w.k + w.block - 1) / w.block, bi = kk / w.block, j = kk % w.block;
-    float s = w.scales[(long)nn * nb + bi];
-    const uint8_t *row = static_cast<const uint8_t *>(w.data) + ((long)nn * nb + bi) * (w.block * (w.fmt == EM_Q8_NK ? 8 : 4) / 8);
-    if (w.fmt == EM_Q8_NK) return ((int)row[j] - 128) * s;
-    int q = (row[j / 2] >> ((j & 1) * 4)) & 0xF;
-    return (q - 8) * s;
-}
-
 // Row nn of an NK weight, dequantized to float32 (k values): embedding lookup and panel packing.
 void dequant_row(const em_weight &w, int nn, float *out) {
     const int k = w.k;
