@@ -347,13 +347,28 @@ def single_ops(seed: int = 3):
 # ---------------------------------------------------------------------------------------------
 # x86 through ctypes
 # ---------------------------------------------------------------------------------------------
+def _has_avx512() -> bool:
+    cpu = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return all(f in cpu for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq"))
+
+
+# The engine picks its prefill kernels per CPU (emcpu.cc): AVX-512 where the CPU has it, and AVX2
+# where it does not or EDGEMAMBA_NATIVE_ISA=avx2 asks; on an AVX-512 machine both paths are tested.
+ISAS = ["avx512", "avx2"]
+
+
 @needs_native
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_native_matches_reference_on_effective_weights(kind, precision, built):
+def test_native_matches_reference_on_effective_weights(kind, precision, isa, built, monkeypatch):
+    if isa == "avx512" and not _has_avx512():
+        pytest.skip("this CPU has no AVX-512 (the AVX2 kernels are tested)")
+    if isa == "avx2":
+        monkeypatch.setenv("EDGEMAMBA_NATIVE_ISA", "avx2")
     b = built(kind, precision)
     session = Session(b.art, engine="native", threads=2)
-    assert session.engine == "native"
+    assert session.engine == "native" and session.backend.isa == isa
     ops = single_ops()
     check_run(b, precision, 1, ops, session_run(session, ops), f"{kind} {precision}")
 

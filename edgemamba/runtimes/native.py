@@ -88,6 +88,8 @@ def load_library() -> ctypes.CDLL:
     lib.em_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ptrs, ptrs, ctypes.c_void_p]
     lib.em_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ptrs, ptrs, ctypes.c_void_p]
     lib.em_isa.restype = ctypes.c_char_p
+    lib.em_model_isa.restype = ctypes.c_char_p
+    lib.em_model_isa.argtypes = [ctypes.c_void_p]
     _lib = lib
     return lib
 
@@ -262,6 +264,7 @@ class NativeBackend:
                                          layers, self.threads, max(batch, max_rows), err, len(err))
         if not self._model:
             raise NativeUnavailable(f"{artifact.path}: {err.value.decode()}")
+        self.isa = self.lib.em_model_isa(self._model).decode()  # prefill kernels: avx512, avx2 or generic
         self.state_keys = [f"{kind}_state.{i}" for i in range(s.n_layer) for kind in ("conv", "ssm")]
         self._state = {}
         for i in range(s.n_layer):

@@ -529,13 +529,23 @@ void small_linear(const em_weight &w, const float *X, int ldx, float *Y, int ldy
 void pack_panel(const em_weight &w, int n0, int nb, int nbp, float *panel, float *rowbuf) {
     const int k = w.k;
     if (w.fmt == EM_F32_KN || w.fmt == EM_F16_KN) {
+        // The rows' stretches are short and far apart (n columns): fetch 16 rows ahead, so several
+        // memory reads are in flight (prefill 1.0x -> ?x).
+        const int es = w.fmt == EM_F32_KN ? 4 : 2;
+        const char *base = (const char *)w.data + (long)n0 * es;
         for (int kk = 0; kk < k; kk++) {
+            if (kk + 16 < k)
+                for (int off = 0; off < nb * es; off += 64) __builtin_prefetch(base + (long)(kk + 16) * w.n * es + off);
             float *p = panel + (long)kk * nbp;
             if (w.fmt == EM_F32_KN) {
                 std::memcpy(p, (const float *)w.data + (long)kk * w.n + n0, sizeof(float) * nb);
             } else {
                 const uint16_t *s = (const uint16_t *)w.data + (long)kk * w.n + n0;
-                for (int j = 0; j < nb; j++) p[j] = half_to_float(s[j]);
+                int j = 0;
+#ifdef EM_AVX2
+                for (; j + 8 <= nb; j += 8) _mm256_storeu_ps(p + j, load8(s + j));
+#endif
+                for (; j < nb; j++) p[j] = half_to_float(s[j]);
             }
             std::fill(p + nb, p + nbp, 0.f);
         }
@@ -627,6 +637,110 @@ void panel_rows(const float *X, int ldx, int m, const float *panel, int ldp, int
     }
 }
 
+#ifdef EM_AVX2
+// AVX-512 kernels for prefill, compiled into every x86 build and chosen per model at em_create when
+// the CPU has AVX-512 (twice AVX2's float32 rate per instruction on cores with full-width units, such
+// as Zen 4/5 and Xeons). Function attributes rather than build flags: the library still loads on
+// AVX2-only CPUs.
+#define EM_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#define EM_HAS_AVX512 1
+
+bool cpu_has_avx512() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+}
+
+// Y[0:R, 0:w] = X[0:R, :] · P[:, 0:w], w <= 16*NV: R rows x NV vectors of 16 accumulators, written
+// straight to Y (masked at the panel's last columns).
+template <int R, int NV>
+EM_AVX512_FN void micro512(const float *X, int ldx, const float *P, int ldp, int k, float *Y, int ldy, int w) {
+    __m512 c[R][NV];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) c[r][v] = _mm512_setzero_ps();
+    for (int kk = 0; kk < k; kk++) {
+        __m512 b[NV];
+        for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_ps(P + (long)kk * ldp + 16 * v);
+        for (int r = 0; r < R; r++) {
+            const __m512 a = _mm512_set1_ps(X[(long)r * ldx + kk]);
+            for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            const int left = w - 16 * v;
+            float *y = Y + (long)r * ldy + 16 * v;
+            if (left >= 16) _mm512_storeu_ps(y, c[r][v]);
+            else if (left > 0) _mm512_mask_storeu_ps(y, (__mmask16)((1u << left) - 1), c[r][v]);
+        }
+}
+
+template <int R>
+EM_AVX512_FN void tile_rows512(const float *X, int ldx, const float *panel, int ldp, int nbp, int k, float *Y, int ldy,
+                               int n0, int nb) {
+    int j = 0;
+    for (; j + 32 <= nbp; j += 32) micro512<R, 2>(X, ldx, panel + j, ldp, k, Y + n0 + j, ldy, nb - j);
+    if (j < nbp) micro512<R, 1>(X, ldx, panel + j, ldp, k, Y + n0 + j, ldy, nb - j);
+}
+
+// 12 rows x 32 columns: 24 of the 32 vector registers accumulate.
+EM_AVX512_FN void panel_rows512(const float *X, int ldx, int m, const float *panel, int ldp, int nbp, int k, float *Y,
+                                int ldy, int n0, int nb) {
+    int r = 0;
+    for (; r + 12 <= m; r += 12)
+        tile_rows512<12>(X + (long)r * ldx, ldx, panel, ldp, nbp, k, Y + (long)r * ldy, ldy, n0, nb);
+    const float *x = X + (long)r * ldx;
+    float *y = Y + (long)r * ldy;
+    switch (m - r) {
+    case 11: tile_rows512<11>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 10: tile_rows512<10>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 9: tile_rows512<9>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 8: tile_rows512<8>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 7: tile_rows512<7>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 6: tile_rows512<6>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 5: tile_rows512<5>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 4: tile_rows512<4>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 3: tile_rows512<3>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 2: tile_rows512<2>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    case 1: tile_rows512<1>(x, ldx, panel, ldp, nbp, k, y, ldy, n0, nb); break;
+    }
+}
+
+// One Mamba-2 head, one token: h[p, :] = h[p, :] * dA + dt * x[p] * B; y[p] = h[p, :] · C + D[p] * x[p],
+// four channels at a time so each B and C vector is loaded once for four state rows. n % 16 == 0.
+EM_AVX512_FN void scan2_head512(float *hs, int hd, int n, float dA, float dtv, const float *x, const float *B,
+                                const float *Cc, const float *D, float *y) {
+    const __m512 va = _mm512_set1_ps(dA);
+    int p = 0;
+    for (; p + 4 <= hd; p += 4) {
+        __m512 acc[4], dx[4];
+        for (int q = 0; q < 4; q++) acc[q] = _mm512_setzero_ps(), dx[q] = _mm512_set1_ps(dtv * x[p + q]);
+        for (int i = 0; i < n; i += 16) {
+            const __m512 b = _mm512_loadu_ps(B + i), c = _mm512_loadu_ps(Cc + i);
+            for (int q = 0; q < 4; q++) {
+                float *h = hs + (long)(p + q) * n + i;
+                const __m512 hv = _mm512_fmadd_ps(_mm512_loadu_ps(h), va, _mm512_mul_ps(dx[q], b));
+                _mm512_storeu_ps(h, hv);
+                acc[q] = _mm512_fmadd_ps(hv, c, acc[q]);
+            }
+        }
+        for (int q = 0; q < 4; q++) y[p + q] = _mm512_reduce_add_ps(acc[q]) + D[p + q] * x[p + q];
+    }
+    for (; p < hd; p++) {
+        __m512 acc = _mm512_setzero_ps(), dx = _mm512_set1_ps(dtv * x[p]);
+        for (int i = 0; i < n; i += 16) {
+            float *h = hs + (long)p * n + i;
+            const __m512 hv = _mm512_fmadd_ps(_mm512_loadu_ps(h), va, _mm512_mul_ps(dx, _mm512_loadu_ps(B + i)));
+            _mm512_storeu_ps(h, hv);
+            acc = _mm512_fmadd_ps(hv, _mm512_loadu_ps(Cc + i), acc);
+        }
+        y[p] = _mm512_reduce_add_ps(acc) + D[p] * x[p];
+    }
+}
+#else
+inline bool cpu_has_avx512() { return false; }
+#endif
+
 // Scratch memory left uninitialized, so its pages are touched only when used: a process that only
 // decodes never faults in the rows that prefill chunks use (peak RSS is a bar on small devices).
 struct Buffer {
@@ -648,7 +762,7 @@ struct Scratch {  // per thread: a packed panel and a row buffer (thread 0: quan
 inline int panel_cols(int k) { return std::max(16, std::min(128, (131072 / std::max(k, 1)) / 16 * 16)); }
 
 void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const float *X, int ldx, int m, float *Y,
-            int ldy, const float *bias) {
+            int ldy, const float *bias, bool avx512) {
     const bool quant = w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK, kn_all = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN;
     // Large KN layers split by weight rows (one contiguous stream per thread, partial sums added up
     // after); small ones (x_proj, dt_proj) by columns, which saves that second job.
@@ -697,7 +811,11 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
                 // Packed even for float32 KN weights: read in place (rows n floats apart) the same GEMM ran
                 // at 0.7x the speed (mamba-130m fp32 prefill 495 vs 700 tokens/s, A/B in one session).
                 pack_panel(w, c0, nb, nbp, s.panel.data(), s.row.data());
-                panel_rows(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
+#ifdef EM_HAS_AVX512
+                if (avx512) panel_rows512(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
+                else
+#endif
+                    panel_rows(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
             }
             n0 = std::min(w.n, b0 * pc), n1 = std::min(w.n, b1 * pc);
         }
@@ -750,6 +868,7 @@ struct em_model {
     const float *norm_f;
     std::vector<Layer> layers;
     int max_rows, conv_dim, in_dim, xdbl_dim;
+    bool avx512 = false;  // prefill kernels: AVX-512 when the CPU has it (EDGEMAMBA_NATIVE_ISA=avx2 opts out)
     Pool pool;
     std::vector<Scratch> scratch;
     Buffer h, hn, proj, xc, xdbl, dt, y, out;  // (max_rows, width) activations
@@ -853,6 +972,13 @@ void em_model::scan2(int li, int rows, int per_seq, float *const *ssm) {
                     const float dtv = dt[(long)row * nh + hh], dA = em_exp(dtv * L.w.A[hh]);
                     const float *x = xc.data() + (long)row * conv_dim;
                     const float *B = x + e + (long)g * n, *Cc = x + e + (long)G * n + (long)g * n;
+#ifdef EM_HAS_AVX512
+                    if (avx512 && n % 16 == 0) {
+                        scan2_head512(ssm[s] + (long)hh * hd * n, hd, n, dA, dtv, x + (long)hh * hd, B, Cc,
+                                      L.w.D + (long)hh * hd, y.data() + (long)row * e + (long)hh * hd);
+                        continue;
+                    }
+#endif
                     for (int p = 0; p < hd; p++) {
                         const int ch = hh * hd + p;
                         float *hs = ssm[s] + (long)ch * n;
@@ -876,11 +1002,11 @@ void em_model::scan2(int li, int rows, int per_seq, float *const *ssm) {
 void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *const *ssm) {
     const Layer &L = layers[li];
     const int e = c.d_inner;
-    linear(pool, scratch, L.w.in_proj, hn.data(), c.d_model, rows, proj.data(), in_dim, L.w.in_proj_b);
+    linear(pool, scratch, L.w.in_proj, hn.data(), c.d_model, rows, proj.data(), in_dim, L.w.in_proj_b, avx512);
     conv_rows(li, rows, per_seq, conv);
     if (c.arch == 1) {
         const int r = c.dt_rank, n = c.d_state;
-        linear(pool, scratch, L.w.x_proj, xc.data(), e, rows, xdbl.data(), xdbl_dim, nullptr);
+        linear(pool, scratch, L.w.x_proj, xc.data(), e, rows, xdbl.data(), xdbl_dim, nullptr, avx512);
         if (c.bcdt_eps > 0)  // Falcon-Mamba: weightless RMSNorm of dt, B and C, each on its own
             parallel_rows(pool, rows, [&](int row) {
                 float *v = xdbl.data() + (long)row * xdbl_dim;
@@ -888,7 +1014,7 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
                 rms_norm(v + r, nullptr, c.bcdt_eps, n, v + r);
                 rms_norm(v + r + n, nullptr, c.bcdt_eps, n, v + r + n);
             });
-        linear(pool, scratch, L.w.dt_proj, xdbl.data(), xdbl_dim, rows, dt.data(), e, nullptr);
+        linear(pool, scratch, L.w.dt_proj, xdbl.data(), xdbl_dim, rows, dt.data(), e, nullptr, avx512);
         scan1(li, rows, per_seq, ssm);  // softplus of dt included
     } else {
         const int nh = c.n_heads;
@@ -909,7 +1035,7 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
                 for (int i = 0; i < e; i++) yr[i] *= em_silu(z[i]);
         });
     }
-    linear(pool, scratch, L.w.out_proj, y.data(), e, rows, out.data(), c.d_model, L.w.out_proj_b);
+    linear(pool, scratch, L.w.out_proj, y.data(), e, rows, out.data(), c.d_model, L.w.out_proj_b, avx512);
 }
 
 void em_model::forward(const int64_t *ids, int rows, int per_seq, float *const *conv, float *const *ssm, float *logits,
@@ -934,7 +1060,7 @@ void em_model::forward(const int64_t *ids, int rows, int per_seq, float *const *
     const int lr = rows - first_logit_row;
     for (int r = first_logit_row; r < rows; r++) rms_norm(h.data() + (long)r * d, norm_f, c.norm_eps, d, hn.data() + (long)(r - first_logit_row) * d);
     for (int r0 = 0; r0 < lr; r0 += kSmallM)  // the head: at most a batch of rows, streamed
-        linear(pool, scratch, head, hn.data() + (long)r0 * d, d, std::min(kSmallM, lr - r0), logits + (long)r0 * c.vocab, c.vocab, nullptr);
+        linear(pool, scratch, head, hn.data() + (long)r0 * d, d, std::min(kSmallM, lr - r0), logits + (long)r0 * c.vocab, c.vocab, nullptr, avx512);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1003,6 +1129,8 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
     m->conv_dim = conv_dim;
     m->in_dim = in_dim;
     m->xdbl_dim = xdbl_dim;
+    const char *isa = std::getenv("EDGEMAMBA_NATIVE_ISA");
+    m->avx512 = cpu_has_avx512() && !(isa && std::strcmp(isa, "avx2") == 0);
     for (int i = 0; i < c.n_layer; i++) {
         Layer L{layers[i], std::vector<float>((size_t)c.d_conv * conv_dim)};
         for (int ch = 0; ch < conv_dim; ch++)
@@ -1032,6 +1160,8 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
 }
 
 void em_destroy(em_model *m) { delete m; }
+
+const char *em_model_isa(const em_model *m) { return m->avx512 ? "avx512" : em_isa(); }
 
 void em_step(em_model *m, const int64_t *ids, int batch, float *const *conv, float *const *ssm, float *logits) {
     FlushDenormals ftz;

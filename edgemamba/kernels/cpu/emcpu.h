@@ -64,8 +64,12 @@ EM_API void em_step(em_model *m, const int64_t *ids, int batch, float *const *co
  * max_rows; logits of the last token into `logits` (vocab,). */
 EM_API void em_prefill(em_model *m, const int64_t *ids, int t, float *const *conv, float *const *ssm, float *logits);
 
-/* "avx2" or "generic": what this build's kernels use (the caller checks the CPU supports it). */
+/* "avx2" or "generic": what this build's kernels need (the caller checks the CPU supports it). */
 EM_API const char *em_isa(void);
+
+/* What a model's prefill kernels use: em_isa(), or "avx512" where the build and the CPU have it
+ * (chosen at em_create; the environment variable EDGEMAMBA_NATIVE_ISA=avx2 keeps AVX2). */
+EM_API const char *em_model_isa(const em_model *m);
 
 #ifdef __cplusplus
 }
