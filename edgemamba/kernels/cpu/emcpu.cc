@@ -243,6 +243,9 @@ inline float weight_value(uint16_t v) { return half_to_float(v); }
 // ---------------------------------------------------------------------------------------------
 constexpr int kSmallM = 4;  // up to this many rows: stream the weights once, no packing
 
+// Prefill kernels: chosen per model at em_create from what the CPU has.
+enum class Isa { kBase /* the build's: AVX2 or generic */, kAvx512, kVnni /* AVX-512 with VNNI */ };
+
 // Row nn of an NK weight, dequantized to float32 (k values): embedding lookup and panel packing.
 void dequant_row(const em_weight &w, int nn, float *out) {
     const int k = w.k;
@@ -530,7 +533,7 @@ void pack_panel(const em_weight &w, int n0, int nb, int nbp, float *panel, float
     const int k = w.k;
     if (w.fmt == EM_F32_KN || w.fmt == EM_F16_KN) {
         // The rows' stretches are short and far apart (n columns): fetch 16 rows ahead, so several
-        // memory reads are in flight (prefill 1.0x -> ?x).
+        // memory reads are in flight (packing waits on memory: it is the first read of each chunk).
         const int es = w.fmt == EM_F32_KN ? 4 : 2;
         const char *base = (const char *)w.data + (long)n0 * es;
         for (int kk = 0; kk < k; kk++) {
@@ -737,15 +740,166 @@ EM_AVX512_FN void scan2_head512(float *hs, int hd, int n, float dA, float dtv, c
         y[p] = _mm512_reduce_add_ps(acc) + D[p] * x[p];
     }
 }
+
+// ---- quantized prefill with integer dot products (AVX-512 VNNI) -----------------------------
+// Activations are quantized per block as in decode (quantize_x: int8 codes for 4-bit weights, int16
+// for 8-bit), then multiplied exactly in int32 per block: vpdpbusd (4-bit codes as u8 x int8, the zero
+// point taken out with the block's code sum) or vpdpwssd (8-bit codes minus 128, as int16 x int16).
+// A unit is what one lane multiplies per instruction: 4 positions (4-bit) or 2 elements (8-bit).
+#define EM_VNNI_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+bool cpu_has_vnni() {
+    __builtin_cpu_init();
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+}
+
+// 16x16 32-bit transpose: r[i] lane j -> r[j] lane i.
+EM_VNNI_FN inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88), t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88), t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 8; i++)
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88), r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+}
+
+// Units g .. g+15 of a weight row (g % 16 == 0): 4-bit, 32 bytes of codes (two 32-element groups,
+// each its 16 low nibbles then its 16 high ones: positions in quantize_x's order) as u8; 8-bit, 32
+// codes minus 128 as int16 pairs.
+EM_VNNI_FN inline __m512i row_units16(const uint8_t *row, int g, bool q4) {
+    if (!q4)
+        return _mm512_sub_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(row + 2 * g))),
+                                _mm512_set1_epi16(128));
+    const __m256i c = _mm256_loadu_si256((const __m256i *)(row + 2 * g)), m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(c, m4), hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
+                              _mm256_permute2x128_si256(lo, hi, 0x31), 1);
+}
+
+// Unit g of a weight row, one at a time (the row's last units when fewer than 16 are left).
+inline uint32_t row_unit(const uint8_t *row, int g, bool q4) {
+    if (!q4) {
+        const uint16_t a = (uint16_t)(row[2 * g] - 128), b = (uint16_t)(row[2 * g + 1] - 128);
+        return a | (uint32_t)b << 16;
+    }
+    uint32_t v = 0;  // positions 4(g%8) .. +3 of group g/8: low nibbles (g%8 < 4) or high ones
+    const uint8_t *grp = row + (g / 8) * 16;
+    const int u = g % 8, shift = u < 4 ? 0 : 4;
+    for (int i = 0; i < 4; i++) v |= (uint32_t)((grp[(u % 4) * 4 + i] >> shift) & 0x0F) << (8 * i);
+    return v;
+}
+
+// Panel for columns [n0, n0 + nb): units (nblk * units_per_block, nbp) of 32-bit lanes, each
+// column's lane the weight codes that meet the activations' unit; scales (nblk, nbp). nbp % 16 == 0.
+// Sixteen columns x sixteen units at a time, transposed in registers, written as whole vectors.
+EM_VNNI_FN void pack_panel_int(const em_weight &w, int n0, int nb, int nbp, uint32_t *panel, float *scales) {
+    const int bs = w.block, nblk = (w.k + bs - 1) / bs, q4 = w.fmt == EM_Q4_NK;
+    const int bytes = q4 ? bs / 2 : bs, total = nblk * (q4 ? bs / 4 : bs / 2), full = total / 16 * 16;
+    const uint8_t *codes = static_cast<const uint8_t *>(w.data);
+    for (int j0 = 0; j0 < nbp; j0 += 16) {
+        const uint8_t *rows[16];
+        for (int c = 0; c < 16; c++) rows[c] = j0 + c < nb ? codes + (long)(n0 + j0 + c) * nblk * bytes : nullptr;
+        for (int g = 0; g < full; g += 16) {
+            __m512i r[16];
+            for (int c = 0; c < 16; c++) r[c] = rows[c] ? row_units16(rows[c], g, q4) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int u = 0; u < 16; u++) _mm512_storeu_si512(panel + (long)(g + u) * nbp + j0, r[u]);
+        }
+        for (int g = full; g < total; g++)
+            for (int c = 0; c < 16; c++) panel[(long)g * nbp + j0 + c] = rows[c] ? row_unit(rows[c], g, q4) : 0u;
+        for (int b = 0; b < nblk; b++)
+            for (int c = 0; c < 16; c++) scales[(long)b * nbp + j0 + c] = rows[c] ? w.scales[(long)(n0 + j0 + c) * nblk + b] : 0.f;
+    }
+}
+
+// Y[0:R, 0:w] for one 16*NV-column tile: xq rows of 32-bit units (kp/4 or kp/2 a row), xs (R, nblk)
+// activation scales, corr (R, nblk) the zero point times the block's code sum (4-bit only).
+template <int R, int NV, bool Q4>
+EM_VNNI_FN void micro_int(const uint32_t *xq, int ldq, const float *xs, const int32_t *corr, int nblk, int units,
+                          const uint32_t *P, const float *S, int nbp, float *Y, int ldy, int w) {
+    __m512 f[R][NV];
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) f[r][v] = _mm512_setzero_ps();
+    for (int b = 0; b < nblk; b++) {
+        __m512i acc[R][NV];
+        for (int r = 0; r < R; r++)
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_si512();
+        const uint32_t *pb = P + (long)b * units * nbp;
+        const long u0 = (long)b * units;
+        for (int u = 0; u < units; u++) {
+            __m512i wv[NV];
+            for (int v = 0; v < NV; v++) wv[v] = _mm512_loadu_si512(pb + (long)u * nbp + 16 * v);
+            for (int r = 0; r < R; r++) {
+                const __m512i xv = _mm512_set1_epi32((int)xq[(long)r * ldq + u0 + u]);
+                for (int v = 0; v < NV; v++)
+                    acc[r][v] = Q4 ? _mm512_dpbusd_epi32(acc[r][v], wv[v], xv) : _mm512_dpwssd_epi32(acc[r][v], wv[v], xv);
+            }
+        }
+        __m512 ws[NV];
+        for (int v = 0; v < NV; v++) ws[v] = _mm512_loadu_ps(S + (long)b * nbp + 16 * v);
+        for (int r = 0; r < R; r++) {
+            const __m512 sx = _mm512_set1_ps(xs[(long)r * nblk + b]);
+            const __m512i cr = _mm512_set1_epi32(Q4 ? corr[(long)r * nblk + b] : 0);
+            for (int v = 0; v < NV; v++) {
+                const __m512 exact = _mm512_cvtepi32_ps(Q4 ? _mm512_sub_epi32(acc[r][v], cr) : acc[r][v]);
+                f[r][v] = _mm512_fmadd_ps(exact, _mm512_mul_ps(ws[v], sx), f[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < NV; v++) {
+            const int left = w - 16 * v;
+            float *y = Y + (long)r * ldy + 16 * v;
+            if (left >= 16) _mm512_storeu_ps(y, f[r][v]);
+            else if (left > 0) _mm512_mask_storeu_ps(y, (__mmask16)((1u << left) - 1), f[r][v]);
+        }
+}
+
+template <int R, bool Q4>
+EM_VNNI_FN void tile_rows_int(const uint32_t *xq, int ldq, const float *xs, const int32_t *corr, int nblk, int units,
+                              const uint32_t *P, const float *S, int nbp, float *Y, int ldy, int n0, int nb) {
+    int j = 0;
+    for (; j + 32 <= nbp; j += 32)
+        micro_int<R, 2, Q4>(xq, ldq, xs, corr, nblk, units, P + j, S + j, nbp, Y + n0 + j, ldy, nb - j);
+    if (j < nbp) micro_int<R, 1, Q4>(xq, ldq, xs, corr, nblk, units, P + j, S + j, nbp, Y + n0 + j, ldy, nb - j);
+}
+
+template <bool Q4>
+EM_VNNI_FN void panel_rows_int(const uint32_t *xq, int ldq, const float *xs, const int32_t *corr, int nblk, int units,
+                               int m, const uint32_t *P, const float *S, int nbp, float *Y, int ldy, int n0, int nb) {
+    int r = 0;
+    for (; r + 6 <= m; r += 6)
+        tile_rows_int<6, Q4>(xq + (long)r * ldq, ldq, xs + (long)r * nblk, corr + (long)r * nblk, nblk, units, P, S,
+                             nbp, Y + (long)r * ldy, ldy, n0, nb);
+    const uint32_t *x = xq + (long)r * ldq;
+    const float *s = xs + (long)r * nblk;
+    const int32_t *c = corr + (long)r * nblk;
+    float *y = Y + (long)r * ldy;
+    switch (m - r) {
+    case 5: tile_rows_int<5, Q4>(x, ldq, s, c, nblk, units, P, S, nbp, y, ldy, n0, nb); break;
+    case 4: tile_rows_int<4, Q4>(x, ldq, s, c, nblk, units, P, S, nbp, y, ldy, n0, nb); break;
+    case 3: tile_rows_int<3, Q4>(x, ldq, s, c, nblk, units, P, S, nbp, y, ldy, n0, nb); break;
+    case 2: tile_rows_int<2, Q4>(x, ldq, s, c, nblk, units, P, S, nbp, y, ldy, n0, nb); break;
+    case 1: tile_rows_int<1, Q4>(x, ldq, s, c, nblk, units, P, S, nbp, y, ldy, n0, nb); break;
+    }
+}
 #else
 inline bool cpu_has_avx512() { return false; }
+inline bool cpu_has_vnni() { return false; }
 #endif
 
 // Scratch memory left uninitialized, so its pages are touched only when used: a process that only
 // decodes never faults in the rows that prefill chunks use (peak RSS is a bar on small devices).
 struct Buffer {
     std::unique_ptr<float[]> p;
-    void resize(size_t n) { p.reset(new float[n]); }
+    size_t size = 0;
+    void resize(size_t n) { p.reset(new float[n]), size = n; }
     float *data() { return p.get(); }
     const float *data() const { return p.get(); }
     float &operator[](size_t i) { return p[i]; }
@@ -753,23 +907,64 @@ struct Buffer {
 };
 
 struct Scratch {  // per thread: a packed panel and a row buffer (thread 0: quantized activations)
-    Buffer panel, row;
+    Buffer panel, row, xq;  // xq (thread 0): a prefill chunk's activations as rounded by quantize_x
     QuantX qx;
 };
+
+// Activations back from their codes (the values quantized weights meet): prefill without VNNI.
+void dequant_x(const QuantX &q, int m, int k, int act_bits, float *out) {
+    const int nb = q.nb, bs = q.bs, kp = nb * bs;
+    for (int r = 0; r < m; r++)
+        for (int b = 0; b < nb; b++) {
+            const float d = q.scale[(size_t)r * nb + b];
+            float *o = out + (long)r * k + (long)b * bs;
+            const int len = std::min(bs, k - b * bs);
+            if (act_bits == 16) {
+                const int16_t *c = q.q16.data() + (size_t)r * kp + (size_t)b * bs;
+                for (int j = 0; j < len; j++) o[j] = c[j] * d;
+            } else {
+                const int8_t *c = q.q8.data() + (size_t)r * kp + (size_t)b * bs;
+                for (int j = 0; j < len; j++) o[j] = c[(j & ~31) + q4_pos(j & 31)] * d;
+            }
+        }
+}
 
 // Columns per panel: the panel (k x nb floats) stays within ~512 KiB, in L2 while the rows reuse it
 // (256 KiB: 0.93x the prefill speed, A/B on mamba-130m fp32 and mamba2-130m int8).
 inline int panel_cols(int k) { return std::max(16, std::min(128, (131072 / std::max(k, 1)) / 16 * 16)); }
 
 void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const float *X, int ldx, int m, float *Y,
-            int ldy, const float *bias, bool avx512) {
+            int ldy, const float *bias, Isa isa) {
     const bool quant = w.fmt == EM_Q8_NK || w.fmt == EM_Q4_NK, kn_all = w.fmt == EM_F32_KN || w.fmt == EM_F16_KN;
     // Large KN layers split by weight rows (one contiguous stream per thread, partial sums added up
     // after); small ones (x_proj, dt_proj) by columns, which saves that second job.
     const bool kn = kn_all && w.k >= 256 && w.n >= 256;
     QuantX &qx = scratch[0].qx;
     const int wbits = w.fmt == EM_Q8_NK ? 8 : 4, act_bits = wbits == 8 || w.act_bits == 16 ? 16 : 8;
-    if (quant && m <= kSmallM) quantize_x(X, ldx, m, w.k, w.block, wbits, act_bits, qx);
+    // Quantized weights always meet activations rounded per block (int16 for 8-bit weights, int8 for
+    // 4-bit unless the graph asks for float activations): the same numbers in decode and prefill.
+    if (quant) quantize_x(X, ldx, m, w.k, w.block, wbits, act_bits, qx);
+    const int pc = panel_cols(w.k), nblk = quant ? (w.k + w.block - 1) / w.block : 0;
+    const int units = wbits == 8 ? w.block / 2 : w.block / 4;
+    const size_t int_panel = (size_t)nblk * units * 4 + (size_t)nblk * 4;  // bytes per panel column
+    // Prefill on integer dot products: VNNI, 8-bit x int16 or 4-bit x int8 activations, panel fits.
+    const bool int_gemm = quant && m > kSmallM && isa == Isa::kVnni && (wbits == 8 || act_bits == 8) &&
+                          int_panel * ((pc + 15) / 16 * 16) <= scratch[0].panel.size * sizeof(float);
+    std::vector<int32_t> corr;  // 4-bit: zero point x code sum, per (row, block)
+    if (quant && m > kSmallM && !int_gemm) {  // the float GEMM on the rounded activations
+        dequant_x(qx, m, w.k, act_bits, scratch[0].xq.data());
+        X = scratch[0].xq.data(), ldx = w.k;
+    }
+#ifdef EM_HAS_AVX512
+    if (int_gemm && wbits == 4) {
+        corr.resize((size_t)m * nblk);
+        for (size_t i = 0; i < corr.size(); i++) {
+            int32_t t = 0;
+            for (int l = 0; l < 8; l++) t += qx.zero[i * 8 + l];
+            corr[i] = t;
+        }
+    }
+#endif
     auto job = [&](int tid, int nth) {
         int n0, n1;
         if (m <= kSmallM) {
@@ -802,17 +997,32 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
             }
             if (kn) return;
         } else {
-            const int pc = panel_cols(w.k), blocks = (w.n + pc - 1) / pc;
+            const int blocks = (w.n + pc - 1) / pc;
             int b0, b1;
             split(blocks, 1, tid, nth, &b0, &b1);
             Scratch &s = scratch[tid];
             for (int b = b0; b < b1; b++) {
                 const int c0 = b * pc, nb = std::min(pc, w.n - c0), nbp = (nb + 15) / 16 * 16;
+#ifdef EM_HAS_AVX512
+                if (int_gemm) {
+                    uint32_t *P = reinterpret_cast<uint32_t *>(s.panel.data());
+                    float *S = reinterpret_cast<float *>(P + (size_t)nblk * units * nbp);
+                    pack_panel_int(w, c0, nb, nbp, P, S);
+                    const uint32_t *xq = reinterpret_cast<const uint32_t *>(
+                        wbits == 8 ? (const void *)qx.q16.data() : (const void *)qx.q8.data());
+                    const int ldq = nblk * units;
+                    if (wbits == 4)
+                        panel_rows_int<true>(xq, ldq, qx.scale.data(), corr.data(), nblk, units, m, P, S, nbp, Y, ldy, c0, nb);
+                    else
+                        panel_rows_int<false>(xq, ldq, qx.scale.data(), nullptr, nblk, units, m, P, S, nbp, Y, ldy, c0, nb);
+                    continue;
+                }
+#endif
                 // Packed even for float32 KN weights: read in place (rows n floats apart) the same GEMM ran
                 // at 0.7x the speed (mamba-130m fp32 prefill 495 vs 700 tokens/s, A/B in one session).
                 pack_panel(w, c0, nb, nbp, s.panel.data(), s.row.data());
 #ifdef EM_HAS_AVX512
-                if (avx512) panel_rows512(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
+                if (isa != Isa::kBase) panel_rows512(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
                 else
 #endif
                     panel_rows(X, ldx, m, s.panel.data(), nbp, nbp, w.k, Y, ldy, c0, nb);
@@ -868,7 +1078,7 @@ struct em_model {
     const float *norm_f;
     std::vector<Layer> layers;
     int max_rows, conv_dim, in_dim, xdbl_dim;
-    bool avx512 = false;  // prefill kernels: AVX-512 when the CPU has it (EDGEMAMBA_NATIVE_ISA=avx2 opts out)
+    Isa isa = Isa::kBase;  // prefill kernels: AVX-512 (and VNNI) when the CPU has it (EDGEMAMBA_NATIVE_ISA=avx2 opts out)
     Pool pool;
     std::vector<Scratch> scratch;
     Buffer h, hn, proj, xc, xdbl, dt, y, out;  // (max_rows, width) activations
@@ -885,35 +1095,53 @@ struct em_model {
 };
 
 void em_model::conv_rows(int li, int rows, int per_seq, float *const *conv) {
-    // conv[s]: sequence s's state (conv_dim, d_conv-1). x: the conv channels of proj; out: xc.
+    // conv[s]: sequence s's state (conv_dim, d_conv-1), the last K-1 inputs. x: the conv channels of
+    // proj; out: xc. Read in place: inputs before the chunk come from the state, the rest from proj.
     const Layer &L = layers[li];
     const int C = conv_dim, K = c.d_conv, x_off = c.arch == 1 ? 0 : c.d_inner;
     auto job = [&](int tid, int nth) {
         int c0, c1;
         split(C, 16, tid, nth, &c0, &c1);
         if (c0 >= c1) return;
-        std::vector<float> win((size_t)(K - 1 + per_seq) * (c1 - c0));  // (time, channel) window
-        const int wc = c1 - c0;
         for (int s = 0; s < rows / per_seq; s++) {
             float *st = conv[s];
-            for (int j = 0; j < K - 1; j++)
-                for (int ch = c0; ch < c1; ch++) win[(size_t)j * wc + ch - c0] = st[(long)ch * (K - 1) + j];
-            for (int t = 0; t < per_seq; t++) {
-                const float *x = proj.data() + (long)(s * per_seq + t) * in_dim + x_off;
-                std::memcpy(&win[(size_t)(K - 1 + t) * wc], x + c0, sizeof(float) * wc);
-            }
+            const float *xs = proj.data() + (long)s * per_seq * in_dim + x_off;  // input t: xs + t * in_dim
             for (int t = 0; t < per_seq; t++) {
                 float *o = xc.data() + (long)(s * per_seq + t) * C;
+                const float *wt = L.conv_wt.data();
+                if (K == 4 && t >= 3) {  // the common case, in one pass
+                    const float *x0 = xs + (long)(t - 3) * in_dim, *x1 = x0 + in_dim, *x2 = x1 + in_dim, *x3 = x2 + in_dim;
+                    for (int ch = c0; ch < c1; ch++) {
+                        const float a = (L.w.conv_b ? L.w.conv_b[ch] : 0.f) + wt[ch] * x0[ch] + wt[C + ch] * x1[ch] +
+                                        wt[2 * C + ch] * x2[ch] + wt[3 * C + ch] * x3[ch];
+                        o[ch] = em_silu(a);
+                    }
+                    continue;
+                }
                 for (int ch = c0; ch < c1; ch++) o[ch] = L.w.conv_b ? L.w.conv_b[ch] : 0.f;
                 for (int j = 0; j < K; j++) {
-                    const float *wj = L.conv_wt.data() + (long)j * C;
-                    const float *xj = &win[(size_t)(t + j) * wc];
-                    for (int ch = c0; ch < c1; ch++) o[ch] += wj[ch] * xj[ch - c0];
+                    const float *wj = wt + (long)j * C;
+                    const int tau = t + j - (K - 1);  // input time; < 0: in the state
+                    if (tau >= 0) {
+                        const float *x = xs + (long)tau * in_dim;
+                        for (int ch = c0; ch < c1; ch++) o[ch] += wj[ch] * x[ch];
+                    } else {
+                        for (int ch = c0; ch < c1; ch++) o[ch] += wj[ch] * st[(long)ch * (K - 1) + tau + K - 1];
+                    }
                 }
                 for (int ch = c0; ch < c1; ch++) o[ch] = em_silu(o[ch]);
             }
-            for (int j = 0; j < K - 1; j++)  // the new state: the last K-1 inputs
-                for (int ch = c0; ch < c1; ch++) st[(long)ch * (K - 1) + j] = win[(size_t)(per_seq + j) * wc + ch - c0];
+            // The new state: the last K-1 of [old state, inputs]; ascending j reads old entries before
+            // they are overwritten.
+            for (int j = 0; j < K - 1; j++) {
+                const int src = j + per_seq;
+                if (src < K - 1) {
+                    for (int ch = c0; ch < c1; ch++) st[(long)ch * (K - 1) + j] = st[(long)ch * (K - 1) + src];
+                } else {
+                    const float *x = xs + (long)(src - (K - 1)) * in_dim;
+                    for (int ch = c0; ch < c1; ch++) st[(long)ch * (K - 1) + j] = x[ch];
+                }
+            }
         }
     };
     parallel(pool, job);
@@ -973,7 +1201,7 @@ void em_model::scan2(int li, int rows, int per_seq, float *const *ssm) {
                     const float *x = xc.data() + (long)row * conv_dim;
                     const float *B = x + e + (long)g * n, *Cc = x + e + (long)G * n + (long)g * n;
 #ifdef EM_HAS_AVX512
-                    if (avx512 && n % 16 == 0) {
+                    if (isa != Isa::kBase && n % 16 == 0) {
                         scan2_head512(ssm[s] + (long)hh * hd * n, hd, n, dA, dtv, x + (long)hh * hd, B, Cc,
                                       L.w.D + (long)hh * hd, y.data() + (long)row * e + (long)hh * hd);
                         continue;
@@ -1002,11 +1230,11 @@ void em_model::scan2(int li, int rows, int per_seq, float *const *ssm) {
 void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *const *ssm) {
     const Layer &L = layers[li];
     const int e = c.d_inner;
-    linear(pool, scratch, L.w.in_proj, hn.data(), c.d_model, rows, proj.data(), in_dim, L.w.in_proj_b, avx512);
+    linear(pool, scratch, L.w.in_proj, hn.data(), c.d_model, rows, proj.data(), in_dim, L.w.in_proj_b, isa);
     conv_rows(li, rows, per_seq, conv);
     if (c.arch == 1) {
         const int r = c.dt_rank, n = c.d_state;
-        linear(pool, scratch, L.w.x_proj, xc.data(), e, rows, xdbl.data(), xdbl_dim, nullptr, avx512);
+        linear(pool, scratch, L.w.x_proj, xc.data(), e, rows, xdbl.data(), xdbl_dim, nullptr, isa);
         if (c.bcdt_eps > 0)  // Falcon-Mamba: weightless RMSNorm of dt, B and C, each on its own
             parallel_rows(pool, rows, [&](int row) {
                 float *v = xdbl.data() + (long)row * xdbl_dim;
@@ -1014,7 +1242,7 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
                 rms_norm(v + r, nullptr, c.bcdt_eps, n, v + r);
                 rms_norm(v + r + n, nullptr, c.bcdt_eps, n, v + r + n);
             });
-        linear(pool, scratch, L.w.dt_proj, xdbl.data(), xdbl_dim, rows, dt.data(), e, nullptr, avx512);
+        linear(pool, scratch, L.w.dt_proj, xdbl.data(), xdbl_dim, rows, dt.data(), e, nullptr, isa);
         scan1(li, rows, per_seq, ssm);  // softplus of dt included
     } else {
         const int nh = c.n_heads;
@@ -1035,7 +1263,7 @@ void em_model::mixer(int li, int rows, int per_seq, float *const *conv, float *c
                 for (int i = 0; i < e; i++) yr[i] *= em_silu(z[i]);
         });
     }
-    linear(pool, scratch, L.w.out_proj, y.data(), e, rows, out.data(), c.d_model, L.w.out_proj_b, avx512);
+    linear(pool, scratch, L.w.out_proj, y.data(), e, rows, out.data(), c.d_model, L.w.out_proj_b, isa);
 }
 
 void em_model::forward(const int64_t *ids, int rows, int per_seq, float *const *conv, float *const *ssm, float *logits,
@@ -1060,7 +1288,7 @@ void em_model::forward(const int64_t *ids, int rows, int per_seq, float *const *
     const int lr = rows - first_logit_row;
     for (int r = first_logit_row; r < rows; r++) rms_norm(h.data() + (long)r * d, norm_f, c.norm_eps, d, hn.data() + (long)(r - first_logit_row) * d);
     for (int r0 = 0; r0 < lr; r0 += kSmallM)  // the head: at most a batch of rows, streamed
-        linear(pool, scratch, head, hn.data() + (long)r0 * d, d, std::min(kSmallM, lr - r0), logits + (long)r0 * c.vocab, c.vocab, nullptr, avx512);
+        linear(pool, scratch, head, hn.data() + (long)r0 * d, d, std::min(kSmallM, lr - r0), logits + (long)r0 * c.vocab, c.vocab, nullptr, isa);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1130,7 +1358,8 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
     m->in_dim = in_dim;
     m->xdbl_dim = xdbl_dim;
     const char *isa = std::getenv("EDGEMAMBA_NATIVE_ISA");
-    m->avx512 = cpu_has_avx512() && !(isa && std::strcmp(isa, "avx2") == 0);
+    const bool base = isa && std::strcmp(isa, "avx2") == 0;
+    m->isa = base || !cpu_has_avx512() ? Isa::kBase : cpu_has_vnni() ? Isa::kVnni : Isa::kAvx512;
     for (int i = 0; i < c.n_layer; i++) {
         Layer L{layers[i], std::vector<float>((size_t)c.d_conv * conv_dim)};
         for (int ch = 0; ch < conv_dim; ch++)
@@ -1147,6 +1376,7 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
         s.panel.resize(panel + 64);
         s.row.resize((size_t)8 * kmax + 64);
     }
+    m->scratch[0].xq.resize((size_t)max_rows * kmax);  // touched only by quantized prefill without VNNI
     const long R = max_rows;
     m->h.resize(R * c.d_model);
     m->hn.resize(R * c.d_model);
@@ -1161,7 +1391,9 @@ em_model *em_create(const em_config *cfg, const em_weight *embedding, const em_w
 
 void em_destroy(em_model *m) { delete m; }
 
-const char *em_model_isa(const em_model *m) { return m->avx512 ? "avx512" : em_isa(); }
+const char *em_model_isa(const em_model *m) {
+    return m->isa == Isa::kVnni ? "avx512_vnni" : m->isa == Isa::kAvx512 ? "avx512" : em_isa();
+}
 
 void em_step(em_model *m, const int64_t *ids, int batch, float *const *conv, float *const *ssm, float *logits) {
     FlushDenormals ftz;
