@@ -6,6 +6,7 @@ Two halves, because the GPU machine cannot take TVM's compiler:
   python3 benchmarks/gpu_tvm.py run OUT [--peers] [--logits DIR] [--decode-only]
                                                            # there: weights packed from a seed, checked, timed
   python3 benchmarks/gpu_tvm.py ab OUT1 OUT2 ...           # there: decode of several builds, same weights
+  python3 benchmarks/gpu_tvm.py profile OUT1 ...           # there: µs per kernel of a step, batch 1 and 8
   python3 benchmarks/gpu_tvm.py weights OUT --dest DIR     # there: DIR/<model>.em, complete artifacts
                                                            # (the same seeded weights) for `edgemamba bench`
 
@@ -360,7 +361,8 @@ def ab(outs: list[Path], models: list[str], n_tokens: int) -> None:
             be.reset(slice(0, 1))
             row = {"model": name, "build": str(out), "pdl": art.manifest["tvm"].get("pdl"),
                    "graph_vs_plain": float(np.abs(got["graph"] - got["plain"]).max()),
-                   "vs_first_build": float(np.abs(got["graph"] - first).max()), "b1": [], "b8": []}
+                   "vs_first_build": float(np.abs(got["graph"] - first).max()),
+                   "vs_first_rel": float(np.abs(got["graph"] - first).max() / np.abs(first).max()), "b1": [], "b8": []}
             builds.append((row, be, TvmBackend(art, 8, weights=packed)))
         for order in (builds, builds[::-1]):
             for row, b1, b8 in order:
@@ -369,11 +371,55 @@ def ab(outs: list[Path], models: list[str], n_tokens: int) -> None:
         for row, _, _ in builds:
             print(f"{name:<12} {row['pdl']!s:<17} b1 {' '.join(f'{v:.4f}' for v in row['b1'])} ms  "
                   f"b8 {' '.join(f'{v:.4f}' for v in row['b8'])} ms  graph-vs-plain {row['graph_vs_plain']:.3g}  "
-                  f"vs-first {row['vs_first_build']:.3g}")
+                  f"vs-first {row['vs_first_build']:.3g} ({row['vs_first_rel']:.2g} of max)")
             rows.append(row)
         del builds
         torch.cuda.empty_cache()
     print("\nAB " + json.dumps(rows))
+
+
+def profile(outs: list[Path], models: list[str], steps: int = 50) -> None:
+    """Per-kernel device time of one decode step (torch profiler over `steps` uncaptured steps), batch
+    1 and 8, for each build. Use builds without PDL (`--pdl off`): under PDL a kernel's time includes
+    its wait for the previous one."""
+    os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(outs[0] / "runtime"))
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from edgemamba.artifact import load_artifact
+    from edgemamba.runtimes.tvm import TvmBackend, pack_weights
+
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    rows = []
+    for name in models:
+        spec = MODELS[name]
+        packed = pack_weights(spec, random_weights(spec, seed=0), "fp16")
+        for out in outs:
+            art = load_artifact(out / f"{name}.em")
+            for batch in BATCHES:
+                be = TvmBackend(art, batch, weights=packed, cuda_graph=False)
+                for _ in range(3):
+                    be._steps[0]()
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(steps):
+                        be._steps[0]()
+                    torch.cuda.synchronize()
+                kernels = []
+                for ev in prof.key_averages():
+                    us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+                    if us > 0:
+                        kernels.append((ev.key, us / steps, ev.count / steps))
+                kernels.sort(key=lambda r: -r[1])
+                busy = sum(r[1] for r in kernels)
+                print(f"\n{name} b{batch} {out}: {sum(r[2] for r in kernels):.0f} kernels, busy {busy:.1f} µs/step")
+                for key, us, n in kernels:
+                    print(f"  {us:8.1f} µs {n:4.0f}x {us / n:7.2f} µs each  {key[:90]}")
+                rows.append({"model": name, "build": str(out), "batch": batch, "busy_us": busy,
+                             "kernels": [list(r) for r in kernels]})
+                del be
+        torch.cuda.empty_cache()
+    print("\nPROFILE " + json.dumps(rows))
 
 
 def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> None:
@@ -396,7 +442,7 @@ def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> Non
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["build", "run", "weights", "ab"])
+    p.add_argument("mode", choices=["build", "run", "weights", "ab", "profile"])
     p.add_argument("out", type=Path, nargs="+", help="one build folder (ab: several)")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--models", default=",".join(MODELS))
@@ -408,10 +454,13 @@ def main():
     p.add_argument("--decode-only", action="store_true", help="run: graph-vs-plain check and decode timings only")
     a = p.parse_args()
     models = a.models.split(",")
-    if a.mode != "ab" and len(a.out) != 1:
+    if a.mode not in ("ab", "profile") and len(a.out) != 1:
         p.error(f"{a.mode} takes one folder")
     if a.mode == "ab":
         ab(a.out, models, a.tokens)
+        return
+    if a.mode == "profile":
+        profile(a.out, models)
         return
     a.out = a.out[0]
     if a.mode == "build":

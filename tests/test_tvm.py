@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ GEMVS = {
                                 conv_bias=False),
     "slice": GemvSpec(n=80, k=128, batch=2, x_cols=256),
     "residual-bias": GemvSpec(n=64, k=128, batch=2, epilogue="residual", bias=True),
+    "rms-groups": GemvSpec(n=64, k=128, batch=2, norm="rms", groups=2, epilogue="residual"),
     "gated": GemvSpec(n=64, k=128, batch=2, norm="gated", groups=2, z_cols=352, epilogue="residual"),
     "gated-norm-first-fp16": GemvSpec(n=64, k=128, batch=2, wdtype="float16", norm="gated", groups=2, norm_on_x=True,
                                       z_cols=352, epilogue="residual"),
@@ -48,7 +50,8 @@ GEMVS = {
                           conv_hi=128),
     "int8-residual": GemvSpec(n=64, k=128, batch=1, wdtype="int8", epilogue="residual"),
 }
-SSM_STEPS = {"mamba1": SsmStepSpec(M1, 3), "falcon": SsmStepSpec(FALCON, 1), "mamba2": SsmStepSpec(M2, 2)}
+SSM_STEPS = {"mamba1": SsmStepSpec(M1, 3), "falcon": SsmStepSpec(FALCON, 1), "mamba2": SsmStepSpec(M2, 2),
+             "mamba2-norm-first": SsmStepSpec(replace(M2, norm_before_gate=True), 1)}
 MATMULS = {
     "plain": P.MatmulSpec(96, 64),
     "bias-residual": P.MatmulSpec(130, 48, bias=True, residual=True),

@@ -77,6 +77,18 @@ def lane_reduce(lanes: int):
     return reduce
 
 
+def lane_allreduce(lanes: int):
+    """Macro: sum buf[w, 0] over groups of `lanes` consecutive threads; every lane ends with it."""
+
+    @T.macro
+    def reduce(buf, w):
+        if lanes > 1:
+            for i in T.unroll(int(np.log2(lanes))):
+                buf[w, 0] = buf[w, 0] + T.tvm_warp_shuffle_xor(FULL_MASK, buf[w, 0], (lanes // 2) >> i, lanes, 32)
+
+    return reduce
+
+
 # Programmatic dependent launch (PDL; Hopper, sm_90 and newer). A decode step is a chain of ~100
 # short kernels, each waiting for the one before. A step kernel launched with this flag (TVM's own
 # spelling of the launch tag) may start while the previous kernel still runs: once every block of
@@ -192,9 +204,9 @@ def padded(n: int, quantum: int = 16) -> int:
     return (n + quantum - 1) // quantum * quantum
 
 
-def vector_width(dtype: str, k: int) -> int:
-    """Elements per 16-byte load of `dtype`, halved until it divides k."""
-    vec = 16 // np.dtype(dtype).itemsize
+def vector_width(dtype: str, k: int, nbytes: int = 16) -> int:
+    """Elements per load of `nbytes` bytes of `dtype`, halved until it divides k."""
+    vec = max(1, nbytes // np.dtype(dtype).itemsize)
     while k % vec:
         vec //= 2
     return vec

@@ -14,8 +14,12 @@ prologue and rstd after the reduction. The batch is static and innermost, so eac
 once for every sequence decoded together.
 
 Two lowerings of one contract (`gemv_reference`):
-- GPU: one warp per output row (or two); each lane loads 16 bytes of the row at a time, the lanes
-  reduce with warp shuffles, lane 0 runs the epilogue.
+- GPU (`gpu_layout`): each warp computes RW rows (1-2 at batch 1, up to 8 at batch 4 and more, so
+  that each x load serves several rows), and KS warps of a block split a small matrix's rows along K
+  (partial sums through shared memory); each lane loads 8 or 16 bytes of a row at a time. The lanes
+  reduce their RW·batch sums by halving (at each shuffle level a lane keeps half of its values), so
+  lane t ends with its own sums and runs their epilogues, whose operands (residual, conv state and
+  weights, bias) it loaded before the main loop.
 - CPU: the prologue writes the normalised input once into a scratch row, then rows of W are dot
   products in parallel, vectorised along K with one accumulator vector per sequence.
 
@@ -45,7 +49,7 @@ class GemvSpec:
     wdtype: str = "float32"
     x_cols: int = 0  # width of the input buffer (0: k); x is read at columns [x_off, x_off + k)
     x_off: int = 0
-    norm: str = ""  # "" none; "rms": RMSNorm(x)·w; "gated": Mamba-2's RMSNorm(x·silu(z))·w per group
+    norm: str = ""  # "" none; "rms": RMSNorm(x)·w; "gated": Mamba-2's RMSNorm(x·silu(z))·w; both per group
     groups: int = 1  # norm groups along K
     norm_on_x: bool = False  # gated only: statistics of x, then gate (norm_before_gate)
     z_cols: int = 0  # gated only: width of the z buffer; z read at columns [z_off, z_off + k)
@@ -60,7 +64,7 @@ class GemvSpec:
 
     def __post_init__(self):
         assert self.epilogue in EPILOGUES and self.norm in NORMS, self
-        assert self.k % self.groups == 0 and (self.norm == "gated" or self.groups == 1), self
+        assert self.k % self.groups == 0 and (self.norm != "" or self.groups == 1), self
         assert self.x_off + self.k <= self.xw, self
 
     @property
@@ -98,6 +102,8 @@ class GemvSpec:
         parts = [f"gemv_{self.n}x{self.k}_b{self.batch}_{self.wdtype}", self.norm, self.epilogue]
         if self.norm == "gated":
             parts.append(f"g{self.groups}{'x' if self.norm_on_x else 'u'}")
+        elif self.groups > 1:
+            parts.append(f"g{self.groups}")
         if self.x_off or self.x_cols:
             parts.append(f"x{self.x_off}of{self.xw}")
         if self.epilogue == "conv":
@@ -115,7 +121,7 @@ def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, w_scale=None, bias
         W = W.astype(np.float64) * w_scale[:, None]
     u = x[:, s.x_off : s.x_off + s.k].astype(np.float64)  # (b, k)
     if s.norm == "rms":
-        u = rms_norm(u, norm_w, s.eps)
+        u = rms_norm(u.reshape(len(u), s.groups, -1), None, s.eps).reshape(u.shape) * norm_w
     elif s.norm == "gated":
         gate = silu(z[:, s.z_off : s.z_off + s.k].astype(np.float64))
         grouped = (u if s.norm_on_x else u * gate).reshape(len(u), s.groups, -1)
@@ -189,26 +195,122 @@ def _epilogue(s: GemvSpec, gpu: bool):
     return epilogue
 
 
+def gpu_layout(s: GemvSpec) -> tuple[int, int, int]:
+    """(RW, KS, load bytes) of the GPU kernel: each warp computes RW rows (its x loads serve all of
+    them), KS warps of a block split one group of rows along K (partial sums through shared memory),
+    and each lane loads W that many bytes at a time.
+
+    A decode GEMV is latency-bound at batch 1: small matrices (x_proj: 80 or 160 rows) get more
+    warps by splitting K; at batch 4 and more every W element meets `batch` float32 x values, so
+    the x loads, not W, fill the load units unless a warp reuses them over several rows."""
+    B, N = s.batch, s.n
+    RW = 8 if B >= 4 else (4 if B >= 2 else (2 if N >= 8192 else 1))
+    while RW > 1 and N // RW < 128:
+        RW //= 2
+    nbytes = 16 if B <= 2 else 8
+    GS = s.k // s.groups
+    ko = -(-GS // (32 * vector_width(s.wdtype, GS, nbytes)))  # sweeps of a warp over one group
+    KS = 1
+    while KS * 2 <= min(8, ko) and -(-N // RW) * KS * 2 <= 2048:
+        KS *= 2
+    return RW, KS, nbytes
+
+
 def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     B, N, K, G = s.batch, s.n, s.k, s.groups
     GS = K // G  # channels per norm group
-    VEC = vector_width(s.wdtype, GS)  # W elements per 16-byte load
+    RW, KS, NBYTES = gpu_layout(s)
+    VEC = vector_width(s.wdtype, GS, NBYTES)  # W elements per load
     XV = min(VEC, 8)  # x elements per vector load
     STRIDE = 32 * VEC  # one warp sweeps this many columns per iteration
-    KO = (GS + STRIDE - 1) // STRIDE
-    RW = 2 if N >= 8192 else 1  # rows per warp: more loads in flight for the big matrices
-    TY = 4  # warps per block
-    NBLK = (N + TY * RW - 1) // (TY * RW)
+    KO = (GS + STRIDE - 1) // STRIDE  # sweeps over one group, shared by the KS warps of a row group
+    KOW = (KO + KS - 1) // KS  # sweeps of one warp
+    FULL = GS % STRIDE == 0 and KO % KS == 0  # no sweep needs a bound check
+    RG = max(1, 4 // KS)  # row groups per block
+    TY = RG * KS  # warps per block
+    NBLK = (N + RG * RW - 1) // (RG * RW)
+    # after the main loop each lane holds V partial sums, (row r, sequence b) at r·B + b, padded to
+    # V2 (a power of two); the reduction halves them across lanes (below), so that lane t ends with
+    # VL of them, sums over the warp, at t·VL >> ... (see `base`), and runs their epilogues
+    V = RW * B
+    V2 = 1 << (V - 1).bit_length()
+    L = min(5, V2.bit_length() - 1)  # lane bits that pick the values a lane keeps
+    VL = max(1, V2 // 32)
+    REP = 1 << (5 - L)  # lanes holding the same sums (one of them stores)
+    HALF = [V2 >> (i + 1) for i in range(5)]  # values exchanged at each level (0: plain butterfly)
+    lo, hi, KC, C = s.conv_lo, s.conv_hi, s.d_conv, max(s.n_conv, 1)
+    OUT, BIAS, WS, CB, CS, CW = 0, 1, 2, 3, 4, 3 + KC  # slots of the epilogue's operands, loaded early
     ROW_BYTES = K * np.dtype(s.wdtype).itemsize  # PDL: one bulk L2 prefetch a row (16-byte multiples)
     use_pdl = pdl is not None
     early, late = use_pdl and pdl.early, use_pdl and pdl.late
     prefetch = use_pdl and pdl.prefetch and ROW_BYTES % 16 == 0
     sh = _shapes(s)
-    epilogue = _epilogue(s, True)
     normed, gated = s.norm != "", s.norm == "gated"
+
+    def in_group(koi, ks, tx):  # the lane's columns of sweep koi·KS + ks lie in the group
+        return True if FULL else (koi * KS + ks) * STRIDE + tx * VEC < GS
+
+    def over_ks(buf, rg, *index):  # Σ over the KS warps of a row group
+        return rsum([buf[(rg, k, *index)] for k in range(KS)])
 
     def combine(acc, ss, r, b):  # y = Σ_g rstd_g · dot_g (ss holds rstd by then)
         return rsum([acc[r, b, g] * ss[b, g] if normed else acc[r, b, g] for g in range(G)])
+
+    @T.macro
+    def fetch(pre, i, n, b, out, bias, w_scale, cw, cb, cs):
+        # the epilogue's operands of row n (clamped below N), sequence b, before the main loop:
+        # their round trip overlaps the weights'
+        if s.epilogue == "residual":
+            pre[i, OUT] = out[b, n]
+        if s.bias:
+            pre[i, BIAS] = bias[n]
+        if s.quantized:
+            pre[i, WS] = w_scale[n]
+        if s.epilogue == "conv":
+            if s.conv_bias:
+                pre[i, CB] = cb[T.max(T.min(n - lo, C - 1), 0)]
+            for j in T.unroll(KC - 1):
+                pre[i, CS + j] = cs[b, T.max(T.min(n - lo, C - 1), 0), j]
+            for j in T.unroll(KC):
+                pre[i, CW + j] = cw[T.max(T.min(n - lo, C - 1), 0), j]
+
+    def biased(pre, i, yv):
+        yv = yv * pre[i, WS] if s.quantized else yv
+        return yv + pre[i, BIAS] if s.bias else yv
+
+    def conv_dot(pre, i, yv):
+        terms = [pre[i, CW + j] * pre[i, CS + j] for j in range(KC - 1)] + [pre[i, CW + KC - 1] * yv]
+        return rsum(terms + [pre[i, CB]] if s.conv_bias else terms)
+
+    @T.macro
+    def finish(out, cs, pre, i, n, b, yv):
+        if s.epilogue == "residual":
+            out[b, n] = pre[i, OUT] + biased(pre, i, yv)
+        elif s.epilogue == "conv":
+            if lo <= n and n < hi:
+                # window = (conv_state[b, c, :], y): the conv output, then the state shifts left
+                # by one and y enters last
+                out[b, n] = silu_expr(conv_dot(pre, i, biased(pre, i, yv)))
+                for j in T.unroll(KC - 2):
+                    cs[b, n - lo, j] = pre[i, CS + j + 1]
+                cs[b, n - lo, KC - 2] = biased(pre, i, yv)
+            else:
+                out[b, n] = biased(pre, i, yv)
+        else:
+            out[b, n] = biased(pre, i, yv)
+
+    @T.macro
+    def halve(val, tx, m, half):
+        # one level of the reduction over the lanes: lanes whose bit m is set keep the upper half
+        # of their values and send the lower one (the partner the reverse); once one value is
+        # left, a plain butterfly
+        if half == 0:
+            val[0] = val[0] + T.tvm_warp_shuffle_xor(FULL_MASK, val[0], m, 32, 32)
+        else:
+            for i in T.unroll(half):
+                val[i] = (T.Select(tx // m % 2 == 1, val[i + half], val[i])
+                          + T.tvm_warp_shuffle_xor(FULL_MASK, T.Select(tx // m % 2 == 1, val[i], val[i + half]),
+                                                   m, 32, 32))
 
     @T.prim_func(private=True)
     def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
@@ -216,7 +318,7 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
              conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
              conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), out: T.Buffer(sh["out"], "float32", **ROW_VIEW)):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        # every loop over r, b, g and v is unrolled: the local arrays stay in registers
+        # every loop over r, b, g, i and v is unrolled: the local arrays stay in registers
         for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
             for ty in T.thread_binding(TY, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
@@ -224,15 +326,22 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                     ss = T.alloc_buffer((B, G), "float32", scope="local")  # Σ x² per sequence and group
                     wv = T.alloc_buffer((RW, VEC), s.wdtype, scope="local")
                     u = T.alloc_buffer((B, VEC), "float32", scope="local")
+                    val = T.alloc_buffer((V2,), "float32", scope="local")
+                    pre = T.alloc_buffer((VL, CW + KC), "float32", scope="local")
+                    red = T.alloc_buffer((RG, KS, 32, VL), "float32", scope="shared")  # split K: partial sums
+                    ssh = T.alloc_buffer((RG, KS, B, G), "float32", scope="shared")
                     if use_pdl:
                         if early:
                             T.evaluate(T.ptx.griddepcontrol.launch_dependents())
-                        if prefetch and tx == 0:  # the warp's rows of W (nothing in a step writes them)
+                        if prefetch and tx == 0 and ty % KS == 0:  # the rows of W (nothing in a step writes them)
                             for r in T.unroll(RW):
-                                if (bx * TY + ty) * RW + r < N:
+                                if ((bx * RG + ty // KS) * RW + r) < N:
                                     T.evaluate(T.ptx.cp.async_.bulk.prefetch.L2.global_(
-                                        T.address_of(W[(bx * TY + ty) * RW + r, 0]), T.uint32(ROW_BYTES)))
+                                        T.address_of(W[(bx * RG + ty // KS) * RW + r, 0]), T.uint32(ROW_BYTES)))
                         T.evaluate(T.ptx.griddepcontrol.wait())
+                    for i in T.unroll(VL):
+                        fetch(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
+                              ((tx // REP) * VL + i) % B, out, bias, w_scale, conv_w, conv_b, conv_state)
                     for r in T.unroll(RW):
                         for b in T.unroll(B):
                             for g in T.unroll(G):
@@ -241,52 +350,75 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                         for g in T.unroll(G):
                             ss[b, g] = T.float32(0)
                     for g in T.unroll(G):
-                        for ko in T.unroll(KO):
-                            if ko * STRIDE + tx * VEC < GS:
+                        for koi in T.unroll(KOW):
+                            if in_group(koi, ty % KS, tx):
                                 for r in T.unroll(RW):
                                     for v in T.vectorized(VEC):  # rows past N re-read row N-1
-                                        wv[r, v] = W[T.min((bx * TY + ty) * RW + r, N - 1),
-                                                     g * GS + ko * STRIDE + tx * VEC + v]
+                                        wv[r, v] = W[T.min((bx * RG + ty // KS) * RW + r, N - 1),
+                                                     g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
                                 for b in T.unroll(B):
                                     for v0 in T.unroll(VEC // XV):  # float32 vectors of at most 8 in CUDA
                                         for v in T.vectorized(XV):
-                                            u[b, v0 * XV + v] = x[b, s.x_off + g * GS + ko * STRIDE + tx * VEC + v0 * XV + v]
+                                            u[b, v0 * XV + v] = x[b, s.x_off + g * GS + (koi * KS + ty % KS) * STRIDE
+                                                                  + tx * VEC + v0 * XV + v]
                                     for v in T.unroll(VEC):
                                         if gated:
                                             if s.norm_on_x:
                                                 ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
-                                            u[b, v] = u[b, v] * silu_expr(z[b, s.z_off + g * GS + ko * STRIDE + tx * VEC + v])
+                                            u[b, v] = u[b, v] * silu_expr(
+                                                z[b, s.z_off + g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v])
                                             if not s.norm_on_x:
                                                 ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
                                         elif normed:
                                             ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
                                         if normed:
-                                            u[b, v] = u[b, v] * norm_w[g * GS + ko * STRIDE + tx * VEC + v]
+                                            u[b, v] = u[b, v] * norm_w[g * GS + (koi * KS + ty % KS) * STRIDE
+                                                                       + tx * VEC + v]
                                     for r in T.unroll(RW):
                                         for v in T.unroll(VEC):
                                             acc[r, b, g] = acc[r, b, g] + u[b, v] * T.Cast("float32", wv[r, v])
                     if late:  # every load of this thread issued: the next kernel may launch
                         T.evaluate(T.ptx.griddepcontrol.launch_dependents())
-                    for i in T.unroll(5):  # warp reduction (all lanes take part): lane 0 ends with the sums
-                        for r in T.unroll(RW):
+                    if normed:  # Σ x² over the warp (every lane), then over the KS warps; then 1/rms
+                        for i in T.unroll(5):
                             for b in T.unroll(B):
                                 for g in T.unroll(G):
-                                    acc[r, b, g] = acc[r, b, g] + T.tvm_warp_shuffle_down(
-                                        FULL_MASK, acc[r, b, g], 16 >> i, 32, 32)
-                        if normed:
-                            for b in T.unroll(B):
-                                for g in T.unroll(G):
-                                    ss[b, g] = ss[b, g] + T.tvm_warp_shuffle_down(FULL_MASK, ss[b, g], 16 >> i, 32, 32)
-                    if tx == 0:
-                        if normed:
-                            for b in T.unroll(B):
-                                for g in T.unroll(G):
-                                    ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
-                        for r in T.unroll(RW):
-                            if (bx * TY + ty) * RW + r < N:
+                                    ss[b, g] = ss[b, g] + T.tvm_warp_shuffle_xor(FULL_MASK, ss[b, g], 16 >> i, 32, 32)
+                        if KS > 1:
+                            if tx == 0:
                                 for b in T.unroll(B):
-                                    epilogue(out, bias, conv_w, conv_b, conv_state, b, (bx * TY + ty) * RW + r,
-                                             combine(acc, ss, r, b), w_scale)
+                                    for g in T.unroll(G):
+                                        ssh[ty // KS, ty % KS, b, g] = ss[b, g]
+                            T.tvm_storage_sync("shared")
+                            for b in T.unroll(B):
+                                for g in T.unroll(G):
+                                    ss[b, g] = over_ks(ssh, ty // KS, b, g)
+                        for b in T.unroll(B):
+                            for g in T.unroll(G):
+                                ss[b, g] = T.rsqrt(ss[b, g] / T.float32(GS) + T.float32(s.eps))
+                    for r in T.unroll(RW):  # y = Σ_g rstd_g · dot_g, still partial over the lanes
+                        for b in T.unroll(B):
+                            val[r * B + b] = combine(acc, ss, r, b)
+                    for i in T.unroll(V2 - V):
+                        val[V + i] = T.float32(0)
+                    halve(val, tx, 16, HALF[0])
+                    halve(val, tx, 8, HALF[1])
+                    halve(val, tx, 4, HALF[2])
+                    halve(val, tx, 2, HALF[3])
+                    halve(val, tx, 1, HALF[4])
+                    if KS > 1:  # the KS warps of a row group: their sums through shared memory
+                        for i in T.unroll(VL):
+                            red[ty // KS, ty % KS, tx, i] = val[i]
+                        T.tvm_storage_sync("shared")
+                        for i in T.unroll(VL):
+                            val[i] = over_ks(red, ty // KS, tx, i)
+                    if ty % KS == 0 and tx % REP == 0:  # lane t holds (r·B + b) = (t / REP)·VL + i
+                        for i in T.unroll(VL):
+                            if (tx // REP) * VL + i < V:
+                                if (bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B < N:
+                                    finish(out, conv_state, pre, i,
+                                           (bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B,
+                                           ((tx // REP) * VL + i) % B, val[i])
 
     return gemv
 

@@ -157,10 +157,15 @@ def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
         args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu, pdl), args, [len(args) - 1, -1],
                            [s.ssm_state_shape(batch), (batch, e)])  # y (batch, d_inner)
-    # out_proj (Mamba-2: after the gated RMSNorm), added to the residual in place
+    # out_proj (Mamba-2: after the RMSNorm of y, gated by the state update, or the gated RMSNorm
+    # when the model normalises before the gate), added to the residual in place
     if s.arch == "mamba1":
         go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, bias=s.use_bias, epilogue="residual")
         args = [y, *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
+    elif k.gated:
+        go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="rms", groups=s.n_groups, eps=s.norm_eps,
+                      bias=s.use_bias, epilogue="residual")
+        args = [y, L.w("gate_norm"), *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
     else:
         go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="gated", groups=s.n_groups,
                       norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias, epilogue="residual")

@@ -5,13 +5,16 @@
 Mamba-1 (per channel c of d_inner): dt = dt_proj · dt_in, with dt_in, B and C from x_proj's output
 `dbc` (Falcon-Mamba first RMS-normalises each of them); y is gated, y·silu(z), here. Mamba-2 (per
 head h and channel p of the head): Δ and A are per head, B and C per group, all read from the
-in_proj output `proj` (z ‖ xBC ‖ dt); the gate goes through the next kernel's gated RMSNorm.
+in_proj output `proj` (z ‖ xBC ‖ dt); the gate is applied here too (y·silu(z), so that the next
+kernel's RMSNorm of y·silu(z) is a plain one), except for models that normalise before the gate
+(`norm_before_gate`), whose gated RMSNorm is the next kernel's.
 
 Both read `proj` as the in_proj GEMV leaves it, conv step and silu already applied to the conv
 channels (Mamba-1 x; Mamba-2 xBC).
 
 GPU: one thread per (sequence, channel, lane), each of `lanes` lanes holding d_state/lanes states;
-lanes combine y with warp shuffles. CPU: channels in parallel, one lane holding all the states.
+Mamba-1's dt dot product (dt_rank terms) is split across the lanes too; lanes combine dt and y with
+warp shuffles. CPU: channels in parallel, one lane holding all the states.
 """
 
 from dataclasses import dataclass  # no `from __future__ import annotations`: TVMScript reads the real annotations
@@ -20,7 +23,8 @@ import numpy as np
 from tvm.script import tirx as T
 
 from edgemamba.kernels.tvm_common import (ROW_VIEW, clip_dt_expr, cpu_workers, drop_unused_params, exp_expr,
-                                          lane_reduce, padded, Pdl, rsum, silu_expr, softplus_expr, with_pdl)
+                                          lane_allreduce, lane_reduce, padded, Pdl, rsum, silu_expr, softplus_expr,
+                                          with_pdl)
 from edgemamba.reference import rms_norm, silu, softplus
 from edgemamba.spec import ModelSpec
 
@@ -38,13 +42,19 @@ class SsmStepSpec:
             return ["proj", "dbc", "dt_w", "dt_bias", "A", "D", "ssm_state", "y"]
         return ["proj", "dt_bias", "A", "D", "ssm_state", "y"]
 
+    @property
+    def gated(self) -> bool:
+        """y leaves gated, y·silu(z): always for Mamba-1; Mamba-2 unless it normalises before the gate."""
+        return self.spec.arch == "mamba1" or not self.spec.norm_before_gate
+
     def name(self) -> str:
         s = self.spec
         dims = (f"{s.d_inner}x{s.d_state}r{s.dt_rank}" if s.arch == "mamba1"
                 else f"h{s.n_heads}p{s.head_dim}n{s.d_state}g{s.n_groups}")
         falcon = "_bcdt" if s.bcdt_rms_eps is not None else ""
         lim = "" if s.dt_limit == (0.0, np.inf) else f"_lim{s.dt_limit[0]:g}-{s.dt_limit[1]:g}"
-        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}"
+        gate = "_gz" if self.gated and s.arch == "mamba2" else ""
+        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}{gate}"
 
     def lanes(self, gpu: bool) -> int:
         """Lanes sharing one channel's states: 4 or 8 states each on a GPU, all of them on a CPU."""
@@ -57,7 +67,8 @@ class SsmStepSpec:
 # the contract, in NumPy
 # ---------------------------------------------------------------------------------------------
 def ssm_step_reference(k: SsmStepSpec, proj, ssm_state, *, dbc=None, dt_w=None, dt_bias, A, D):
-    """Returns y (batch, d_inner); `ssm_state` is updated in place. dt_w is dt_proj transposed, (r, e)."""
+    """Returns y (batch, d_inner), gated by silu(z) where `k.gated`; `ssm_state` is updated in place.
+    dt_w is dt_proj transposed, (r, e)."""
     s = k.spec
     e, n = s.d_inner, s.d_state
     if s.arch == "mamba1":
@@ -71,7 +82,7 @@ def ssm_step_reference(k: SsmStepSpec, proj, ssm_state, *, dbc=None, dt_w=None, 
         B = proj[:, 2 * e : 2 * e + s.n_groups * n]
         C = proj[:, 2 * e + s.n_groups * n : 2 * e + 2 * s.n_groups * n]
     y, ssm_state[:] = selective_update(s, ssm_state, proj, dt, B, C, dt_bias=dt_bias, A=A, D=D)
-    return y
+    return y * silu(proj[:, :e]) if s.arch == "mamba2" and k.gated else y
 
 
 def selective_update(s: ModelSpec, h, proj, dt, B, C, *, dt_bias, A, D):
@@ -119,11 +130,15 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     eps = s.bcdt_rms_eps or 0.0
     NT = Bt * e * NL  # threads: (sequence, channel, lane)
     NB = (NT + THREADS - 1) // THREADS
-    reduce = lane_reduce(NL)
+    reduce, allreduce = lane_reduce(NL), lane_allreduce(NL)
+    RPL = (r + NL - 1) // NL  # dt terms per lane
     state_loop = T.unroll if gpu else T.vectorized  # CPU: one channel's states in vector registers
     NW, PER = cpu_workers(NT)
     use_pdl = pdl is not None
     early, late, prefetch = use_pdl and pdl.early, use_pdl and pdl.late, use_pdl and pdl.prefetch
+
+    def has_term(jj, lane):  # term jj·NL + lane exists
+        return True if r % NL == 0 else jj * NL + lane < r
 
     def scale(dbc, b, lo, width):
         return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
@@ -135,8 +150,10 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         # the scratch rows of worker w (a GPU thread's registers: w = 0)
         b, c, lane = t // NL // e, t // NL % e, t % NL
         dt[w, 0] = T.float32(0)
-        for j in T.unroll(r):  # dt_proj stored (r, e): neighbouring channels read neighbouring words
-            dt[w, 0] = dt[w, 0] + dbc[b, j] * dt_w[j, c]
+        for jj in T.unroll(RPL):  # term jj·NL + lane; dt_proj stored (r, e): neighbouring channels read neighbouring words
+            if has_term(jj, lane):
+                dt[w, 0] = dt[w, 0] + dbc[b, jj * NL + lane] * dt_w[jj * NL + lane, c]
+        allreduce(dt, w)  # every lane of the channel holds the whole dot product
         dt[w, 0] = clip_dt_expr(softplus_expr(dt[w, 0] * scale(dbc, b, 0, r) + dt_bias[c], not gpu), s.dt_limit)
         acc[w, 0] = T.float32(0)
         for i in state_loop(SPL):
@@ -229,7 +246,10 @@ def _mamba2(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
             for i in T.unroll(SPL):
                 ssm_state[b, hd, c % P, lane * SPL + i] = h[w, i]
             if lane == 0:
-                y[b, c] = acc[w, 0] + D[hd] * proj[b, XO + c]
+                if k.gated:
+                    y[b, c] = (acc[w, 0] + D[hd] * proj[b, XO + c]) * silu_expr(proj[b, c], not gpu)
+                else:
+                    y[b, c] = acc[w, 0] + D[hd] * proj[b, XO + c]
 
     @T.macro
     def warm(t, ssm_state):  # PDL, before the wait: the thread's states into L2 (see _mamba1)
