@@ -26,6 +26,12 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define EM_AVX2 1
+// AVX-512 (and VNNI) kernels, compiled into every x86 build and chosen per model at em_create when the
+// CPU has them (twice AVX2's work per instruction on cores with full-width units, such as Zen 4/5 and
+// Xeons). Function attributes rather than build flags: the library still loads on AVX2-only CPUs.
+#define EM_HAS_AVX512 1
+#define EM_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#define EM_VNNI_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
 #endif
 
 namespace {
@@ -333,6 +339,51 @@ void small_kn(const T *W, int k0, int k, int n, const float *X, int ldx, float *
     }
 }
 
+#ifdef EM_HAS_AVX512
+EM_AVX512_FN inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+EM_AVX512_FN inline __m512 load16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+// small_kn with 16 columns a vector (decode on AVX-512 CPUs: float16 weights converted 16 at a time).
+template <class T, int M>
+EM_AVX512_FN void small_kn512(const T *W, int k0, int k, int n, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+    for (int m = 0; m < M; m++) std::fill(Y + (long)m * ldy + n0, Y + (long)m * ldy + n1, 0.f);
+    constexpr int R = 8;
+    const int nv = n0 + (n1 - n0) / 16 * 16;
+    int kk = k0;
+    for (; kk + R <= k; kk += R) {
+        const T *w0 = W + (long)kk * n;
+        __m512 a[M][R];
+        for (int m = 0; m < M; m++)
+            for (int j = 0; j < R; j++) a[m][j] = _mm512_set1_ps(X[(long)m * ldx + kk + j]);
+        for (int c = n0; c < nv; c += 16) {
+            __m512 v[R];
+            for (int j = 0; j < R; j++) v[j] = load16(w0 + (long)j * n + c);
+            for (int m = 0; m < M; m++) {
+                float *y = Y + (long)m * ldy + c;
+                __m512 s0 = _mm512_mul_ps(a[m][0], v[0]), s1 = _mm512_mul_ps(a[m][1], v[1]);
+                for (int j = 2; j < R; j += 2) {
+                    s0 = _mm512_fmadd_ps(a[m][j], v[j], s0);
+                    s1 = _mm512_fmadd_ps(a[m][j + 1], v[j + 1], s1);
+                }
+                _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), _mm512_add_ps(s0, s1)));
+            }
+        }
+        for (int c = nv; c < n1; c++)
+            for (int m = 0; m < M; m++)
+                for (int j = 0; j < R; j++)
+                    Y[(long)m * ldy + c] += X[(long)m * ldx + kk + j] * weight_value(W[(long)(kk + j) * n + c]);
+    }
+    for (; kk < k; kk++) {
+        const T *w = W + (long)kk * n;
+        for (int m = 0; m < M; m++) {
+            const float a = X[(long)m * ldx + kk];
+            float *y = Y + (long)m * ldy;
+            for (int c = n0; c < n1; c++) y[c] += a * weight_value(w[c]);
+        }
+    }
+}
+#endif
+
 // NK float weights, M <= 4 rows: outputs [n0, n1), one dot product per weight row. U independent
 // accumulators per row of X: one FMA chain would wait on its own latency.
 template <class T, int M>
@@ -510,14 +561,25 @@ void q_rows(const em_weight &w, int wbits, int act_bits, const QuantX &q, float 
 
 // KN formats, outputs [n0, n1) over all weight rows (small layers: no partial sums to add up).
 template <int M>
-void kn_cols(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+void kn_cols(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1, bool wide) {
+#ifdef EM_HAS_AVX512
+    if (wide) {
+        if (w.fmt == EM_F32_KN) small_kn512<float, M>((const float *)w.data, 0, w.k, w.n, X, ldx, Y, ldy, n0, n1);
+        else small_kn512<uint16_t, M>((const uint16_t *)w.data, 0, w.k, w.n, X, ldx, Y, ldy, n0, n1);
+        return;
+    }
+#endif
     if (w.fmt == EM_F32_KN) small_kn<float, M>((const float *)w.data, 0, w.k, w.n, X, ldx, Y, ldy, n0, n1);
     else small_kn<uint16_t, M>((const uint16_t *)w.data, 0, w.k, w.n, X, ldx, Y, ldy, n0, n1);
 }
 
 // NK formats: outputs [n0, n1). KN formats: the partial sum over weight rows [n0, n1), all outputs.
 template <int M>
-void small_linear(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1) {
+void small_linear(const em_weight &w, const float *X, int ldx, float *Y, int ldy, int n0, int n1, bool wide) {
+#ifdef EM_HAS_AVX512
+    if (wide && w.fmt == EM_F32_KN) return small_kn512<float, M>((const float *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
+    if (wide && w.fmt == EM_F16_KN) return small_kn512<uint16_t, M>((const uint16_t *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
+#endif
     switch (w.fmt) {
     case EM_F32_KN: return small_kn<float, M>((const float *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
     case EM_F16_KN: return small_kn<uint16_t, M>((const uint16_t *)w.data, n0, n1, w.n, X, ldx, Y, ldy, 0, w.n);
@@ -640,14 +702,7 @@ void panel_rows(const float *X, int ldx, int m, const float *panel, int ldp, int
     }
 }
 
-#ifdef EM_AVX2
-// AVX-512 kernels for prefill, compiled into every x86 build and chosen per model at em_create when
-// the CPU has AVX-512 (twice AVX2's float32 rate per instruction on cores with full-width units, such
-// as Zen 4/5 and Xeons). Function attributes rather than build flags: the library still loads on
-// AVX2-only CPUs.
-#define EM_AVX512_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
-#define EM_HAS_AVX512 1
-
+#ifdef EM_HAS_AVX512
 bool cpu_has_avx512() {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
@@ -746,8 +801,6 @@ EM_AVX512_FN void scan2_head512(float *hs, int hd, int n, float dA, float dtv, c
 // for 8-bit), then multiplied exactly in int32 per block: vpdpbusd (4-bit codes as u8 x int8, the zero
 // point taken out with the block's code sum) or vpdpwssd (8-bit codes minus 128, as int16 x int16).
 // A unit is what one lane multiplies per instruction: 4 positions (4-bit) or 2 elements (8-bit).
-#define EM_VNNI_FN __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")))
-
 bool cpu_has_vnni() {
     __builtin_cpu_init();
     return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
@@ -950,6 +1003,7 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
     // Prefill on integer dot products: VNNI, 8-bit x int16 or 4-bit x int8 activations, panel fits.
     const bool int_gemm = quant && m > kSmallM && isa == Isa::kVnni && (wbits == 8 || act_bits == 8) &&
                           int_panel * ((pc + 15) / 16 * 16) <= scratch[0].panel.size * sizeof(float);
+    const bool wide = isa != Isa::kBase;  // AVX-512 float kernels
     std::vector<int32_t> corr;  // 4-bit: zero point x code sum, per (row, block)
     if (quant && m > kSmallM && !int_gemm) {  // the float GEMM on the rounded activations
         dequant_x(qx, m, w.k, act_bits, scratch[0].xq.data());
@@ -982,17 +1036,17 @@ void linear(Pool &pool, std::vector<Scratch> &scratch, const em_weight &w, const
                 }
             } else if (n0 < n1 && kn_all && !kn) {
                 switch (m) {
-                case 1: kn_cols<1>(w, X, ldx, Y, ldy, n0, n1); break;
-                case 2: kn_cols<2>(w, X, ldx, Y, ldy, n0, n1); break;
-                case 3: kn_cols<3>(w, X, ldx, Y, ldy, n0, n1); break;
-                default: kn_cols<4>(w, X, ldx, Y, ldy, n0, n1); break;
+                case 1: kn_cols<1>(w, X, ldx, Y, ldy, n0, n1, wide); break;
+                case 2: kn_cols<2>(w, X, ldx, Y, ldy, n0, n1, wide); break;
+                case 3: kn_cols<3>(w, X, ldx, Y, ldy, n0, n1, wide); break;
+                default: kn_cols<4>(w, X, ldx, Y, ldy, n0, n1, wide); break;
                 }
             } else if (n0 < n1) {
                 switch (m) {
-                case 1: small_linear<1>(w, X, ldx, out, ldo, n0, n1); break;
-                case 2: small_linear<2>(w, X, ldx, out, ldo, n0, n1); break;
-                case 3: small_linear<3>(w, X, ldx, out, ldo, n0, n1); break;
-                default: small_linear<4>(w, X, ldx, out, ldo, n0, n1); break;
+                case 1: small_linear<1>(w, X, ldx, out, ldo, n0, n1, wide); break;
+                case 2: small_linear<2>(w, X, ldx, out, ldo, n0, n1, wide); break;
+                case 3: small_linear<3>(w, X, ldx, out, ldo, n0, n1, wide); break;
+                default: small_linear<4>(w, X, ldx, out, ldo, n0, n1, wide); break;
                 }
             }
             if (kn) return;
@@ -1078,7 +1132,7 @@ struct em_model {
     const float *norm_f;
     std::vector<Layer> layers;
     int max_rows, conv_dim, in_dim, xdbl_dim;
-    Isa isa = Isa::kBase;  // prefill kernels: AVX-512 (and VNNI) when the CPU has it (EDGEMAMBA_NATIVE_ISA=avx2 opts out)
+    Isa isa = Isa::kBase;  // AVX-512 (and VNNI) kernels when the CPU has them (EDGEMAMBA_NATIVE_ISA=avx2 opts out)
     Pool pool;
     std::vector<Scratch> scratch;
     Buffer h, hn, proj, xc, xdbl, dt, y, out;  // (max_rows, width) activations
