@@ -764,6 +764,17 @@ EM_AVX512_FN void panel_rows512(const float *X, int ldx, int m, const float *pan
     }
 }
 
+// One output row of a 4-tap conv (inputs x0..x3, oldest first) and its SiLU, 16 channels a vector.
+EM_AVX512_FN void conv4_row512(const float *wt, int C, const float *bias, const float *x0, const float *x1,
+                               const float *x2, const float *x3, float *o, int c0, int c1) {
+#pragma omp simd
+    for (int ch = c0; ch < c1; ch++) {
+        const float a = (bias ? bias[ch] : 0.f) + wt[ch] * x0[ch] + wt[C + ch] * x1[ch] + wt[2 * C + ch] * x2[ch] +
+                        wt[3 * C + ch] * x3[ch];
+        o[ch] = em_silu(a);
+    }
+}
+
 // One Mamba-2 head, one token: h[p, :] = h[p, :] * dA + dt * x[p] * B; y[p] = h[p, :] · C + D[p] * x[p],
 // four channels at a time so each B and C vector is loaded once for four state rows. n % 16 == 0.
 EM_AVX512_FN void scan2_head512(float *hs, int hd, int n, float dA, float dtv, const float *x, const float *B,
@@ -782,7 +793,16 @@ EM_AVX512_FN void scan2_head512(float *hs, int hd, int n, float dA, float dtv, c
                 acc[q] = _mm512_fmadd_ps(hv, c, acc[q]);
             }
         }
-        for (int q = 0; q < 4; q++) y[p + q] = _mm512_reduce_add_ps(acc[q]) + D[p + q] * x[p + q];
+        // the four sums at once: halves added pairwise down to one 128-bit vector (y[p..p+3])
+        const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(acc[0], acc[1]), _mm512_unpackhi_ps(acc[0], acc[1]));
+        const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(acc[2], acc[3]), _mm512_unpackhi_ps(acc[2], acc[3]));
+        // s01 lanes (per 128-bit part): a0 b0 a1 b1 -> pairs; combine to a b c d per part
+        const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+        const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        const __m128 xv = _mm_loadu_ps(x + p);
+        _mm_storeu_ps(y + p, _mm_fmadd_ps(_mm_loadu_ps(D + p), xv, sum));
     }
     for (; p < hd; p++) {
         __m512 acc = _mm512_setzero_ps(), dx = _mm512_set1_ps(dtv * x[p]);
@@ -1165,6 +1185,12 @@ void em_model::conv_rows(int li, int rows, int per_seq, float *const *conv) {
                 const float *wt = L.conv_wt.data();
                 if (K == 4 && t >= 3) {  // the common case, in one pass
                     const float *x0 = xs + (long)(t - 3) * in_dim, *x1 = x0 + in_dim, *x2 = x1 + in_dim, *x3 = x2 + in_dim;
+#ifdef EM_HAS_AVX512
+                    if (isa != Isa::kBase) {
+                        conv4_row512(wt, C, L.w.conv_b, x0, x1, x2, x3, o, c0, c1);
+                        continue;
+                    }
+#endif
                     for (int ch = c0; ch < c1; ch++) {
                         const float a = (L.w.conv_b ? L.w.conv_b[ch] : 0.f) + wt[ch] * x0[ch] + wt[C + ch] * x1[ch] +
                                         wt[2 * C + ch] * x2[ch] + wt[3 * C + ch] * x3[ch];
