@@ -42,6 +42,7 @@ from edgemamba.checkpoint import Checkpoint  # noqa: E402
 from edgemamba.spec import ModelSpec  # noqa: E402
 
 CACHE = ROOT / ".cache" / "context"
+CODE = ("edgemamba/kernels/cpu", "edgemamba/runtimes", "edgemamba/devices", "edgemamba/measure.py")  # what the rows run
 SHAPES = {
     "mamba-130m-shape": ModelSpec("mamba1", 768, 24, 50280, 1536, 16, 4, dt_rank=48, source="random:mamba-130m-shape"),
     "small": ModelSpec("mamba1", 512, 12, 16384, 1024, 16, 4, dt_rank=32, source="random:small"),
@@ -128,7 +129,8 @@ def validate(names, precisions, tokens: int, prompt_len: int, repeats: int, thre
         meas, others = others_during(lambda: bench_artifact(path, tokens=tokens, prompt_len=prompt_len,
                                                             repeats=repeats, threads=threads, engine=engine))
         rows.append({
-            "model": name, "precision": precision, "engine": meas["engine"], "n_params": SHAPES[name].n_params,
+            "model": name, "precision": precision, "engine": meas["engine"], "isa": meas.get("isa", ""),
+            "n_params": SHAPES[name].n_params,
             "weight_bytes": meas["weight_bytes"], "others_cpu": others, "probe": probed,
             "load_avg_1min": [load_before, os.getloadavg()[0]],
             "decode_ms": {"predicted": pred.decode_ms, "measured_p50": meas["decode_ms"]["p50"],
@@ -145,6 +147,16 @@ def validate(names, precisions, tokens: int, prompt_len: int, repeats: int, thre
               f"(probe {probed['others_cpu']:.0%})",
               file=sys.stderr)
     return rows
+
+
+def _git_head() -> str:
+    """The checkout's commit, "+dirty" where the CPU engine or the prediction model differ from it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT.parent, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", *CODE) else "")
 
 
 def main():
@@ -165,7 +177,7 @@ def main():
     args = ap.parse_args()
     rows = validate(args.models.split(","), args.precisions.split(","), args.tokens, args.prompt_len, args.repeats,
                     args.threads, args.committed, args.engine, args.quiet, args.max_wait)
-    result = {"machine": os.uname().nodename, "threads": args.threads, "engine": args.engine,
+    result = {"machine": os.uname().nodename, "threads": args.threads, "engine": args.engine, "git": _git_head(),
               "load_avg": os.getloadavg(),
               "costs": "edgemamba/devices/profiles.py" if args.committed else "measured by the probe",
               "validation": rows}

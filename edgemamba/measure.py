@@ -67,6 +67,7 @@ def bench_artifact(artifact, *, tokens=256, prompt_len=512, context=0, repeats=3
         "precision": session.artifact.precision,
         "engine": session.engine,
         **({"fallback_reason": r} if (r := getattr(session.backend, "fallback_reason", None)) else {}),
+        **({"isa": isa} if (isa := getattr(session.backend, "isa", None)) else {}),  # the native engine's kernels
         "tokens": tokens,
         "context": int(session.positions[0] - tokens - 8),
         "decode_ms": {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),

@@ -230,12 +230,12 @@ def test_native_engine_prediction_structure_on_synthetic_profiles():
         pred = predict(workload(s, "ort-cpu", "fp32"), states)
         assert pred.decode_overhead_ms == pytest.approx(1e3 * s.n_layer * s.d_inner * s.d_state * per)
     # prefill on a bandwidth-starved device: the engine reads the layer weights once per piece of a
-    # Session chunk (256 tokens; pieces of 128 rows for float weights, 64 for 8-bit blocks: NativeBackend's
-    # max_rows) and the head once per Session chunk: 512 tokens read the layers 4 (8) times, the head twice
+    # Session chunk (256 tokens; pieces of 128 rows in every format: NativeBackend's max_rows) and the
+    # head once per Session chunk: 512 tokens read the layers 4 times, the head twice
     starved = dataclasses.replace(_synthetic(1e7, 1e18), measured_costs={"ort-cpu": {
         **zero, "state_element_s": Figure(0.0, "m"), **{f"{k}{v}": Figure(1.0, "m") for k in (
-            "weight_read_efficiency", "head_read_efficiency") for v in ("", ".q8")}}})
-    for precision, pieces in (("fp32", 4), ("int8", 8)):
+            "weight_read_efficiency", "head_read_efficiency") for v in ("", ".q8", ".q4")}}})
+    for precision, pieces in (("fp32", 4), ("int8", 4), ("int4", 4)):
         w = workload(spec, "ort-cpu", precision)
         pred = predict(w, starved, prompt_len=512, chunk=256)
         layers = w.weight_bytes - w.head_bytes

@@ -13,15 +13,20 @@ before it (the scan and GEMM figures, which need each other, by a few rounds of 
                                 d_inner 1536, d_state 16; Mamba-2: 24 heads of 64, d_state 128) and small
                                 matrices (d_model 16): per token and layer beyond the GEMMs, per state element
                                 (conv and gates included); decode steps use the same figure
-    gemm_efficiency[.FMT]       one-chunk prefills (128 tokens; 64 for 8- and 4-bit weights) of one layer of
-                                d_model 640, 1024 and 1536 (d_inner twice that) stored in FMT: the harmonic
-                                mean of their ops / time, against the processor's fp32 rate
+    gemm_efficiency[.FMT]       one-chunk prefills (128 tokens, the engine's chunk in every format) of one layer
+                                of d_model 640, 1024 and 1536 (d_inner twice that) stored in FMT: the harmonic
+                                mean of their ops / time, against the processor's fp32 rate. The time is the
+                                engine's whole GEMM as it runs it: weights packed into panels once a chunk,
+                                activations rounded per block for 8- and 4-bit weights, then float32 panels or,
+                                with AVX-512 VNNI, integer dot products (so q8/q4 may exceed 1)
     weight_read_efficiency[.FMT]  decode steps of models whose layer matrices in FMT are `nbytes` in all (past
                                 the last-level cache), tiny head: bytes / time against the read bandwidth
     head_read_efficiency[.FMT]  decode steps of a model that is nearly all head (vocab x 1024 in FMT)
 
 Each time is the lower quartile of its runs (`_seconds`): on a shared machine another process
-slows some of them down, the thread pool's joins most.
+slows some of them down, the thread pool's joins most. Every figure's source names the kernels the
+engine chose on this CPU (em_model_isa: avx512_vnni, avx512, avx2 or generic; EDGEMAMBA_NATIVE_ISA=avx2
+keeps AVX2), which the GEMM and read rates depend on.
 
 FMT: f16, q8, q4 (MatMulNBits blocks, as the int8 and int4 precisions store them); float32
 is the field itself. int4 artifacts keep an 8-bit head, so no q4 head is measured.
@@ -50,8 +55,8 @@ SCAN = {"mamba1": ModelSpec("mamba1", 16, 4, 16, 1536, 16, 4, dt_rank=1),
         "mamba2": ModelSpec("mamba2", 16, 4, 16, 1536, 128, 4, n_heads=24, head_dim=64)}
 WIDE = dict(d_model=1024, vocab_size=16, d_inner=2048, d_state=16, d_conv=4, dt_rank=64)  # layer-sized matrices
 # GEMM layers: the engine's rate moves with the layer width (panel shapes, the column blocks' split over
-# threads; 60-88 GFLOP/s a Zen 5 core over d_model 512-1536 for packed panels). A rate for models of any
-# width: the harmonic mean over three.
+# threads, the per-chunk packing and activation rounding against the rows' work). A rate for models of
+# any width: the harmonic mean over three.
 GEMM_WIDTHS = (640, 1024, 1536)
 
 
@@ -101,6 +106,7 @@ class SyntheticModel:
                                         threads, self.rows, err, len(err))
         if not self.model:
             raise RuntimeError(f"synthetic model refused by the engine: {err.value.decode()}")
+        self.isa = self.lib.em_model_isa(self.model).decode()  # the kernels it runs: avx512_vnni, avx512, avx2, ...
         self._conv = [np.zeros(s.conv_state_shape(1), np.float32) for _ in range(s.n_layer)]
         self._ssm = [np.zeros(s.ssm_state_shape(1), np.float32) for _ in range(s.n_layer)]
         self.state_bytes = sum(a.nbytes for a in self._conv + self._ssm)
@@ -204,6 +210,15 @@ def _timed(spec: ModelSpec, layer_format: str, head_format: str, threads: int, r
         model.close()
 
 
+def engine_isa(threads: int) -> str:
+    """The kernels the engine runs models with on this CPU (em_model_isa)."""
+    model = SyntheticModel(ModelSpec("mamba1", n_layer=1, **TINY), "f32", "f32", threads)
+    try:
+        return model.isa
+    finally:
+        model.close()
+
+
 def measure_native_costs(bandwidth: float, fp32_ops: float, nbytes: int, threads: int) -> dict[str, Figure]:
     """The native engine's TargetCost figures at `threads` threads, against the processor's measured
     read `bandwidth` (bytes/s) and `fp32_ops` rate; streaming models hold `nbytes` of weights."""
@@ -213,7 +228,7 @@ def measure_native_costs(bandwidth: float, fp32_ops: float, nbytes: int, threads
         w = workload(spec, "ort-cpu", PRECISION_OF[fmt], engine="native")
         return w.step_launches, w.chunk_launches
 
-    how = f"measured: native engine, synthetic models (probe_native), {threads} threads"
+    how = f"measured: native engine ({engine_isa(threads)} kernels), synthetic models (probe_native), {threads} threads"
     out: dict[str, Figure] = {}
     squeezed: set[str] = set()
 

@@ -216,12 +216,15 @@ _TVM_KERNELS = {"mamba1": 4, "mamba2": 3}
 _TVM_FIXED = 2
 # The TVM prefill (kernels/tvm_model.py): RMSNorm, in_proj, conv, x_proj, dt_proj, scan, out_proj a Mamba-1
 # layer; RMSNorm, in_proj, conv, scan, gated RMSNorm, out_proj a Mamba-2 layer; embedding, last row, lm_head.
+# tvm-cuda's conv runs across tokens and its scan in two kernels (time pieces: states, then the pieces), one
+# kernel more a layer.
 _TVM_CHUNK_KERNELS = {"mamba1": 7, "mamba2": 6}
+_TVM_CUDA_CHUNK_KERNELS = {"mamba1": 8, "mamba2": 7}
 _TVM_CHUNK_FIXED = 3
-# Its matrix products walk K one tile at a time (in_proj, out_proj: WMMA tiles 32 deep; x_proj, dt_proj:
-# TVM's dlight CUDA-core schedule, 16 deep), each step a global-to-shared round trip and a barrier; at
-# chunk sizes one wave of tiles covers the output, so a product takes K/depth steps whatever t is.
-_TVM_CUDA_KLOOP = {"in_proj": 32, "out_proj": 32, "x_proj": 16, "dt_proj": 16}
+# Its matrix products walk K one tile at a time (in_proj, out_proj and, at fp16/int8, x_proj: WMMA tiles 32
+# deep; dt_proj: TVM's dlight CUDA-core schedule, 16 deep), each step a global-to-shared round trip and a
+# barrier; at chunk sizes one wave of tiles covers the output, so a product takes K/depth steps whatever t is.
+_TVM_CUDA_KLOOP = {"in_proj": 32, "out_proj": 32, "x_proj": 32, "dt_proj": 16}
 _TVM_PREFILL = ("measured on an H100 SXM: TVM's own prefill kernels on synthetic 2- and 8-layer Mamba-1 and Mamba-2 "
                 "models (d_inner 2048, a shape no validated model has; benchmarks/gpu_tvm_prefill.py)")
 _TVM_KSTEP = Figure(0.763e-6, f"{_TVM_PREFILL}: the matrix products' GPU time over their K-tile steps, 0.68-0.80 µs "
@@ -243,9 +246,13 @@ _TVM_GEMV = Figure(0.85, "measured: TVM's own matrix-vector kernels on an H100 (
 # step is a few thread-pool jobs a layer: conv and scan, and per linear layer one job (MatMulNBits
 # weights, split by output rows; float weights with a side under 256, split by columns) or two (larger
 # float weights, split by input rows, then the partial sums added); the head is one more. A prefill runs
-# chunks of 128 rows (64 for 8- and 4-bit weights: NativeBackend's max_rows): norm, each linear, conv,
-# scan (+ the gated norm of Mamba-2) one job each. `edgemamba devices --probe` measures every figure below on the
-# machine (probe_native.measure_native_costs: synthetic models through the engine's C API). These
+# chunks of 128 rows (NativeBackend's max_rows, every format): norm, each linear, conv, scan (+ the gated
+# norm of Mamba-2) one job each; each linear packs its weights into panels per chunk (float32 panels for
+# float weights; with AVX-512 VNNI, 8- and 4-bit codes stay integers and meet the chunk's activations
+# rounded per block to int16 / int8 in integer dot products, so gemm_efficiency.q8/.q4 are integer rates
+# against the fp32 reference; without VNNI the rounded activations meet dequantized float32 panels).
+# `edgemamba devices --probe` measures every figure below on the machine (probe_native.measure_native_costs:
+# synthetic models through the engine's C API, which records the engine's kernels, em_model_isa). These
 # defaults are the median of 6 such probes on this project's 2-core AMD EPYC (Zen 5, KVM) at 2 threads
 # (engine of git df881c8); efficiencies are against that machine's probed references, whose medians
 # were 45.0 GB/s NumPy matrix-vector bandwidth (37.6-58.7 over the probes) and 239 GFLOP/s ONNX Runtime
@@ -281,8 +288,8 @@ _NATIVE_COST = TargetCost(
     },
     launches_per_linear={"f32": 2, "f16": 2, "q8": 1, "q4": 1},
     split_linear_min=256,
-    engine_chunk_rows={"f32": 128, "f16": 128, "q8": 64, "q4": 64},
-    compute_dtype="fp32",  # weight-only: quantized weights are dequantized into float32 panels
+    engine_chunk_rows={"f32": 128, "f16": 128, "q8": 128, "q4": 128},
+    compute_dtype="fp32",  # every format's GEMM rate is gemm_efficiency[.FMT] x the fp32 rate (measured per format)
     roofline_scan=False,  # the scan is a loop of its own: state_element_s, measured
 )
 
@@ -321,7 +328,7 @@ TARGET_COSTS: dict[str, TargetCost] = {
     ),
     "tvm-cuda": TargetCost(
         processor="gpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
-        chunk_launches_per_layer=_TVM_CHUNK_KERNELS, chunk_launches_fixed=_TVM_CHUNK_FIXED, launch_s=_GPU_KERNEL,
+        chunk_launches_per_layer=_TVM_CUDA_CHUNK_KERNELS, chunk_launches_fixed=_TVM_CHUNK_FIXED, launch_s=_GPU_KERNEL,
         call_s=_GPU_CALL, scan_step_s=_TVM_SCAN_STEP,
         state_element_s=est(0.0, "fused: in the roofline"),
         weight_read_efficiency=_TVM_GEMV, head_read_efficiency=_TVM_GEMV,
