@@ -614,6 +614,23 @@ def test_the_engine_was_built_and_is_the_default(tmp_path, hf_dirs):
 
 
 @needs_native
+def test_weights_copied_to_huge_pages_or_mapped_give_the_same_run(built, monkeypatch):
+    # The default copies weights.bin into memory that asks for 2 MiB pages; EDGEMAMBA_NATIVE_WEIGHTS=map
+    # maps the file. Same bytes, so the same logits and states, bit for bit.
+    b = built("mamba2", "int8")
+    ops = single_ops(seed=9)
+    copied = Session(b.art, engine="native", threads=2)
+    assert copied.backend._weights.base is not None and not copied.backend._weights.flags.writeable
+    run_copied = session_run(copied, ops)
+    monkeypatch.setenv("EDGEMAMBA_NATIVE_WEIGHTS", "map")
+    mapped = Session(b.art, engine="native", threads=2)
+    assert isinstance(mapped.backend._weights, np.memmap)
+    run_mapped = session_run(mapped, ops)
+    for a, e in zip(run_copied.logits, run_mapped.logits, strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+@needs_native
 @pytest.mark.parametrize("damage", [
     lambda ix: ix["linear"].update({"layers.0.in_proj.T": ["a", "list"]}),
     lambda ix: next(iter(ix["tensors"].values())).update(offset="12"),
