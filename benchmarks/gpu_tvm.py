@@ -19,9 +19,11 @@ the greedy-decode loop's argmax and its CUDA graph, and for timing events.
 
 --pdl MODE chooses how the step kernels use programmatic dependent launch (`off`, or a mode of
 `edgemamba.kernels.tvm_common.PDL_MODES`; default: the library's default for the arch). `ab` takes
-builds of the same models (e.g. one per mode), makes each model's weights once, checks that every
-build's 12 CUDA-graph steps equal the first build's and plain launches' exactly, and times decode
-(batch 1 and 8) of each build in two rounds, the second in reverse order.
+builds of the same models (e.g. one per mode, or of different kernel code), makes each model's
+weights once, reports how far every build's 12 CUDA-graph steps are from plain launches' and from the
+first build's (and 3 steps of 8 sequences from the first build's: kernels of other code sum in
+another order), and times decode (batch 1 and 8) of each build in two rounds, the second in reverse
+order. `profile` gives each kernel's µs per step (batch 1 and 8) of builds without PDL.
 
 Per model, `run` reports:
   - logits of the fp16 library against the NumPy reference on the same fp16-rounded weights
@@ -350,7 +352,8 @@ def ab(outs: list[Path], models: list[str], n_tokens: int) -> None:
         spec = MODELS[name]
         packed = pack_weights(spec, random_weights(spec, seed=0), "fp16")
         ids = np.random.default_rng(1).integers(0, spec.vocab_size, 12)
-        builds, first = [], None
+        rows8 = np.random.default_rng(3).integers(0, spec.vocab_size, (8, 3))
+        builds, first, first8 = [], None, None
         for out in outs:
             art = load_artifact(out / f"{name}.em")
             be, plain = TvmBackend(art, 1, weights=packed), TvmBackend(art, 1, weights=packed, cuda_graph=False)
@@ -359,11 +362,17 @@ def ab(outs: list[Path], models: list[str], n_tokens: int) -> None:
             del plain
             first = got["graph"] if first is None else first
             be.reset(slice(0, 1))
+            b8 = TvmBackend(art, 8, weights=packed)
+            for t in range(rows8.shape[1]):  # batch 8: 3 steps of 8 different sequences
+                got8 = b8.step(rows8[:, t]).copy()
+            b8.reset(slice(0, 8))
+            first8 = got8 if first8 is None else first8
             row = {"model": name, "build": str(out), "pdl": art.manifest["tvm"].get("pdl"),
                    "graph_vs_plain": float(np.abs(got["graph"] - got["plain"]).max()),
                    "vs_first_build": float(np.abs(got["graph"] - first).max()),
-                   "vs_first_rel": float(np.abs(got["graph"] - first).max() / np.abs(first).max()), "b1": [], "b8": []}
-            builds.append((row, be, TvmBackend(art, 8, weights=packed)))
+                   "vs_first_rel": float(np.abs(got["graph"] - first).max() / np.abs(first).max()),
+                   "b8_vs_first_rel": float(np.abs(got8 - first8).max() / np.abs(first8).max()), "b1": [], "b8": []}
+            builds.append((row, be, b8))
         for order in (builds, builds[::-1]):
             for row, b1, b8 in order:
                 row["b1"].append(_graph_decode_ms(b1, n_tokens, torch, tvm_ffi))
@@ -371,7 +380,7 @@ def ab(outs: list[Path], models: list[str], n_tokens: int) -> None:
         for row, _, _ in builds:
             print(f"{name:<12} {row['pdl']!s:<17} b1 {' '.join(f'{v:.4f}' for v in row['b1'])} ms  "
                   f"b8 {' '.join(f'{v:.4f}' for v in row['b8'])} ms  graph-vs-plain {row['graph_vs_plain']:.3g}  "
-                  f"vs-first {row['vs_first_build']:.3g} ({row['vs_first_rel']:.2g} of max)")
+                  f"vs-first {row['vs_first_build']:.3g} ({row['vs_first_rel']:.2g} of max; b8 {row['b8_vs_first_rel']:.2g})")
             rows.append(row)
         del builds
         torch.cuda.empty_cache()
