@@ -3,6 +3,13 @@ prediction's tvm-cuda prefill figures, and a check of the probe's token-sequenti
 
   python benchmarks/gpu_tvm_prefill.py build OUT [--arch sm_90]                        # here: TVM compiler
   python3 benchmarks/gpu_tvm_prefill.py run OUT --profile IN.json --write FIT.json     # there: runtime only
+  python3 benchmarks/gpu_tvm_prefill.py ab OUT1 [OUT2 ...] [--models M,...]           # there: gpu_tvm.py builds
+
+ab: the prefill of gpu_tvm.py's models (mamba_ssm's shapes, its seeded fp16 weights) in one call of 2,048
+tokens, for each build (`gpu_tvm.py build OUTi`, e.g. one per prefill variant): last logits of a 150-token
+prefill against the NumPy reference, of the 2,048-token prefill against 2,048 steps of the same build (CUDA
+graphs), wall time (median of 5, two rounds, the second in reverse order) and every kernel's GPU time (torch
+profiler over one prefill: µs and launches by kernel, their sum against the wall time).
 
 build: weightless tvm-cuda fp16 libraries of Mamba-1 and Mamba-2 models with synthetic layers (d_model
 1024, d_inner 2048; Mamba-1: d_state 16, dt_rank 64; Mamba-2: 32 heads of 64, d_state 128), 2 and 8 layers,
@@ -297,21 +304,113 @@ def run(out: Path, profile_in: Path | None, write: Path | None, json_out: Path |
         write.write_text(json.dumps(profile, indent=2))
 
 
+def _profile_prefill(be, prompt, torch) -> dict:
+    """Kernels of one prefill call by name: [µs, launches], and the call's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        be.prefill(prompt, 0)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if us > 0:
+            kernels[ev.key] = [float(us), int(ev.count)]
+    return {"profiled_wall_ms": wall * 1e3, "kernels": kernels}
+
+
+def ab(outs: list[Path], models: list[str], n_prompt: int = 2048) -> None:
+    """Prefill of several builds of gpu_tvm.py's models (see the module's docstring)."""
+    os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(outs[0] / "runtime"))
+    import torch
+    from gpu_tvm import MODELS as GPU_MODELS
+    from gpu_tvm import random_weights
+
+    from edgemamba.artifact import load_artifact
+    from edgemamba.checkpoint import Checkpoint
+    from edgemamba.reference import Reference
+    from edgemamba.runtimes.tvm import TvmBackend, pack_weights
+
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
+    rows = []
+    for name in models:
+        spec = GPU_MODELS[name]
+        weights = random_weights(spec, seed=0)
+        packed = pack_weights(spec, weights, "fp16")
+        prompt = np.random.default_rng(2).integers(0, spec.vocab_size, n_prompt)
+        ref_logits, _ = Reference(Checkpoint(spec, weights)).forward(prompt[None, :150])
+        ref_last = ref_logits[0, -1]
+        builds = []
+        for out in outs:
+            if not (out / f"{name}.em").exists():
+                continue
+            be = TvmBackend(load_artifact(out / f"{name}.em"), 1, weights=packed)
+            row = {"model": name, "build": str(out), "wall_ms": []}
+            be.reset(slice(0, 1))
+            got = be.prefill(prompt[:150], 0)
+            row["ref150_rel"] = float(np.abs(got - ref_last).max() / np.abs(ref_last).max())
+            row["ref150_argmax"] = bool(got.argmax() == ref_last.argmax())
+            be.reset(slice(0, 1))
+            pre = be.prefill(prompt, 0)
+            be.reset(slice(0, 1))
+            for tkn in prompt:
+                stepped = be.step(np.array([tkn]))[0]
+            row["vs_steps_rel"] = float(np.abs(pre - stepped).max() / np.abs(stepped).max())
+            builds.append((row, be))
+        for order in (builds, builds[::-1]):
+            for row, be in order:
+                for _ in range(6):
+                    be.reset(slice(0, 1))
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    be.prefill(prompt, 0)
+                    torch.cuda.synchronize()
+                    row["wall_ms"].append((time.perf_counter() - t) * 1e3)
+                row["wall_ms"].pop(-6)  # each round's first: warm-up
+        for row, be in builds:
+            be.reset(slice(0, 1))
+            row |= _profile_prefill(be, prompt, torch)
+            ks = row["kernels"]
+            busy = sum(v[0] for v in ks.values()) / 1e3
+            row["median_ms"] = float(np.median(row["wall_ms"]))
+            print(f"\n{name} {row['build']}: prefill {n_prompt} median {row['median_ms']:.2f} ms "
+                  f"(rounds {np.median(row['wall_ms'][:5]):.2f}, {np.median(row['wall_ms'][5:]):.2f}); profiled call "
+                  f"{row['profiled_wall_ms']:.2f} ms, kernels {busy:.2f} ms GPU in {sum(v[1] for v in ks.values())} launches; "
+                  f"vs reference (150) {row['ref150_rel']:.2e} argmax {row['ref150_argmax']}; "
+                  f"vs {n_prompt} steps {row['vs_steps_rel']:.2e}", flush=True)
+            for k, (us, n) in sorted(ks.items(), key=lambda kv: -kv[1][0])[:14]:
+                print(f"   {us / 1e3:8.3f} ms {n:5d}x  {us / n:8.1f} us  {k[:90]}")
+            rows.append(row)
+        del builds
+        torch.cuda.empty_cache()
+    print("\nPREFILL_AB " + json.dumps(rows))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["build", "run"])
-    p.add_argument("out", type=Path)
+    p.add_argument("mode", choices=["build", "run", "ab"])
+    p.add_argument("out", type=Path, nargs="+")
+    p.add_argument("--models", default="mamba-130m,mamba2-130m,mamba-1.4b", help="ab: gpu_tvm.py's models")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--profile", type=Path, help="run: a profile JSON (`edgemamba devices --probe --json`)")
     p.add_argument("--write", type=Path, help="run: the profile with the fitted tvm-cuda figures")
     p.add_argument("--json", type=Path, help="run: everything measured")
     a = p.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if a.mode == "ab":
+        ab(a.out, a.models.split(","))
+        return
+    if len(a.out) != 1:
+        p.error(f"{a.mode} takes one folder")
+    a.out = a.out[0]
     if a.mode == "build":
         build(a.out, a.arch)
     else:
         if a.write and not a.profile:
             p.error("--write needs --profile")
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         run(a.out, a.profile, a.write, a.json)
 
 

@@ -147,11 +147,11 @@ def test_tvm_cuda_prefill_prediction_on_a_synthetic_profile(arch):
     costs = {"scan_step_s": 1e-6, "kloop_step_s": 0.5e-6, "launch_s": 3e-6, "chunk_launch_extra_s": 7e-6,
              "call_s": 50e-6}
     work = workload(spec, "tvm-cuda", "fp16")
-    # K-tile steps a chunk: in_proj (K = d_model) and out_proj (K = d_inner) in 32-deep tiles; Mamba-1's
-    # x_proj (K = d_inner) and dt_proj (K = dt_rank, 70 -> 5 tiles) in 16-deep ones
-    per_layer = 1024 // 32 + 2048 // 32 + (2048 // 16 + 5 if arch == "mamba1" else 0)
+    # K-tile steps a chunk: in_proj (K = d_model), out_proj and Mamba-1's x_proj (K = d_inner) in 32-deep
+    # tiles; dt_proj (K = dt_rank, 70 -> 5 tiles) in 16-deep ones
+    per_layer = 1024 // 32 + 2048 // 32 + (2048 // 32 + 5 if arch == "mamba1" else 0)
     assert work.chunk_ksteps == 6 * per_layer
-    kernels = 6 * (7 if arch == "mamba1" else 6) + 3  # the layers' kernels, embedding, last row, lm_head
+    kernels = 6 * (8 if arch == "mamba1" else 7) + 3  # the layers' kernels, embedding, last row, lm_head
     assert work.chunk_launches == kernels
     chunk_s = 6 * per_layer * 0.5e-6 + kernels * (3e-6 + 7e-6) + 50e-6
     for tokens, chunks in ((512, 2), (300, 2), (256, 1)):

@@ -65,6 +65,12 @@ ROW_NORMS = {"rms": P.RowNormSpec(64), "rms-fp16": P.RowNormSpec(64, "float16"),
              "gated-norm-first": P.RowNormSpec(128, groups=2, gated=True, norm_on_x=True, z_cols=352)}
 CONVS = {"mamba1": P.ConvChunkSpec(256, 0, 128, 4, True), "mamba2": P.ConvChunkSpec(352, 128, 320, 4, False)}
 SCANS = {"mamba1": P.ScanSpec(M1), "mamba2": P.ScanSpec(M2)}
+# the GPU prefill's kernels, run here through their CPU builds (same per-thread code, one lane)
+CONV_OUTS = {"mamba1-f16": P.ConvOutSpec(CONVS["mamba1"], half=True), "mamba2": P.ConvOutSpec(CONVS["mamba2"])}
+SCAN_CHUNKS = {"mamba1": P.ScanChunkSpec(M1, max_chunks=4),
+               "mamba1-fp16-delta": P.ScanChunkSpec(M1, "float16", max_chunks=4, strided=True, keep_delta=True),
+               "mamba2": P.ScanChunkSpec(M2, max_chunks=4),
+               "mamba2-2ch-no-delta": P.ScanChunkSpec(M2, max_chunks=4, channels=2, keep_delta=False)}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +82,8 @@ def cpu_kernels():
     funcs += [P.row_norm_kernel(s, False) for s in ROW_NORMS.values()]
     funcs += [P.conv_chunk_kernel(s, False) for s in CONVS.values()]
     funcs += [P.scan_kernel(s, False) for s in SCANS.values()]
+    funcs += [P.conv_out_kernel(s, False) for s in CONV_OUTS.values()]
+    funcs += [f for s in SCAN_CHUNKS.values() for f in P.scan_chunk_kernels(s, False)]
     funcs += [P.bcdt_norm_kernel(FALCON, False), P.embed_kernel(96, 64, "float16", False),
               P.embed_kernel(96, 64, "int8", False)]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
@@ -189,6 +197,50 @@ def test_scan_kernel_equals_repeated_steps(name, cpu_kernels):
     y = P.scan_reference(k, ref["proj"], ref["ssm_state"],
                          **{key: ref[key] for key in k.params if key not in ("proj", "ssm_state", "y")})
     assert _rel(got["y"], y) < 1e-5 and _rel(got["ssm_state"], ref["ssm_state"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(CONV_OUTS))
+@pytest.mark.parametrize("t", [37, 2, 1])  # chunks shorter than the conv window too
+def test_conv_out_kernel_leaves_proj_and_carries_state(name, t, cpu_kernels):
+    s, rng = CONV_OUTS[name], np.random.default_rng(8)
+    C = s.conv.hi - s.conv.lo
+    a = {"proj": rng.standard_normal((t, s.conv.cols)), "conv_w": rng.standard_normal((C, s.conv.d_conv)),
+         "conv_b": rng.standard_normal(C), "conv_state": rng.standard_normal((1, C, s.conv.d_conv - 1)),
+         "xc": np.full((t, C), np.nan)}
+    a = {k: v.astype(np.float32) for k, v in a.items()} | {"xc16": np.full((t, C), np.nan, np.float16)}
+    got = _call(cpu_kernels(P.conv_out_kernel(s, False)), s.params, a)
+    ref = {k: v.astype(np.float64) for k, v in a.items()}
+    xc = P.conv_out_reference(s, ref["proj"], ref["conv_w"], ref["conv_state"], ref["conv_b"] if s.conv.conv_bias else None)
+    assert _rel(got["xc"], xc) < 1e-5 and _rel(got["conv_state"], ref["conv_state"]) < 1e-6
+    assert np.array_equal(got["proj"], a["proj"])  # the raw in_proj output stays for z, dt and the gated norm
+    if s.half:
+        assert _rel(got["xc16"], xc) < 1e-3
+
+
+@pytest.mark.parametrize("name", list(SCAN_CHUNKS))
+@pytest.mark.parametrize("t", [1, 23, 70, 200])  # 1 to 4 pieces (of 16, 16, 32, 64), the last one partial
+def test_scan_in_pieces_equals_the_sequential_scan(name, t, cpu_kernels):
+    """scan_states then scan_pieces: y and the final state as the token-by-token scan (float64)."""
+    k, rng = SCAN_CHUNKS[name], np.random.default_rng(9)
+    s = k.spec
+    xw = s.d_inner if k.m1 else s.conv_dim
+    a = {"proj": rng.standard_normal((t, s.in_proj_dim)), "xc": rng.standard_normal((t, xw)),
+         "dbc": rng.standard_normal((t, s.dt_rank + 2 * s.d_state)), "dt": rng.standard_normal((t, s.d_inner)),
+         "dt_bias": rng.standard_normal(k.per_head),
+         "A": -np.exp(rng.standard_normal((s.d_inner, s.d_state) if k.m1 else (s.n_heads,))),
+         "D": rng.standard_normal(k.per_head), "ssm_state": rng.standard_normal(s.ssm_state_shape(1)),
+         "hs": np.full(k.hs_shape, np.nan), "sdt": np.full(k.sdt_shape, np.nan), "dlt": np.full((t, k.per_head), np.nan)}
+    a = {key: v.astype(np.float32) for key, v in a.items()} | {"y": np.full((t, s.d_inner), np.nan, k.y_dtype)}
+    states, pieces = (cpu_kernels(f) for f in P.scan_chunk_kernels(k, False))
+    a |= {key: v for key, v in _call(states, k.states_params, a).items() if key in ("hs", "sdt", "dlt")}
+    got = _call(pieces, k.pieces_params, a)
+    assert k.pieces(t)[1] == (1, 2, 3, 4)[[1, 23, 70, 200].index(t)]
+    ref = {key: v.astype(np.float64) for key, v in a.items() if key != "y"}
+    kw = {"dbc": ref["dbc"], "dt": ref["dt"]} if k.m1 else {}
+    y = P.scan_chunk_reference(k, ref["proj"], ref["xc"], ref["ssm_state"], dt_bias=ref["dt_bias"], A=ref["A"],
+                               D=ref["D"], **kw)
+    assert _rel(got["y"], y) < (1e-3 if k.y_dtype == "float16" else 1e-5)
+    assert _rel(got["ssm_state"], ref["ssm_state"]) < 1e-5
 
 
 def test_bcdt_norm_and_embed_kernels(cpu_kernels):
@@ -325,11 +377,12 @@ def test_weightless_library_takes_weights_packed_elsewhere(tmp_path):
 # CUDA: code generation and cubin without a GPU
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("arch,precision", [("sm_87", "fp16"), ("sm_90", "int8")])
-def test_cuda_library_and_cubin_build_without_a_gpu(arch, precision, tmp_path):
+@pytest.mark.parametrize("spec,arch,precision", [(M2, "sm_87", "fp16"), (M2, "sm_90", "int8"), (FALCON, "sm_90", "fp16")],
+                         ids=["mamba2-sm_87-fp16", "mamba2-sm_90-int8", "falcon-sm_90-fp16"])
+def test_cuda_library_and_cubin_build_without_a_gpu(spec, arch, precision, tmp_path):
     from edgemamba.kernels.tvm_build import compile_tvm_library
 
-    art = compile_tvm_library(M2, tmp_path / f"{arch}.em", "tvm-cuda", precision, arch=arch, batches=(1,))
+    art = compile_tvm_library(spec, tmp_path / f"{arch}.em", "tvm-cuda", precision, arch=arch, batches=(1,))
     info = art.manifest["tvm"]
     cubin = (art.path / f"kernels.{arch}.cubin").read_bytes()
     assert info["device"] == "cuda" and info["arch"] == arch and list(info["cubins"]) == [f"kernels.{arch}.cubin"]
@@ -452,14 +505,15 @@ def test_prediction_counts_the_kernels_of_the_tvm_cuda_step(spec):
     assert launched == workload(spec, "tvm-cuda", "fp16").step_launches
 
 
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
 @pytest.mark.parametrize("spec", [M1, M2], ids=["mamba1", "mamba2"])
-def test_prediction_counts_the_kernels_of_the_tvm_cuda_prefill(spec):
+def test_prediction_counts_the_kernels_of_the_tvm_cuda_prefill(spec, precision):
     from edgemamba.devices.predict import workload
     from edgemamba.kernels.tvm_build import TARGETS
     from edgemamba.kernels.tvm_model import build_module
 
-    mod = build_module(spec, "fp16", True, TARGETS["tvm-cuda"].make("sm_90"), (1,))
-    assert mod["prefill"].script().count("R.call_tir") == workload(spec, "tvm-cuda", "fp16").chunk_launches
+    mod = build_module(spec, precision, True, TARGETS["tvm-cuda"].make("sm_90"), (1,))
+    assert mod["prefill"].script().count("R.call_tir") == workload(spec, "tvm-cuda", precision).chunk_launches
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])

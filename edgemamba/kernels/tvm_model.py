@@ -12,6 +12,8 @@ Each is a straight sequence of calls to the TIR kernels of `tvm_gemv`, `tvm_ssm`
 `tvm_prefill`; kernels of the same shape are shared across layers. A decode step launches
 Mamba-1: 4 kernels a layer (in_proj+conv, x_proj, dt_proj+state update, out_proj+residual),
 Mamba-2: 3 (in_proj+conv, state update, gated norm+out_proj+residual), plus embedding and lm_head.
+A GPU prefill layer runs the conv across tokens and the scan in time pieces (`_prefill_layer_parallel`):
+8 kernels a Mamba-1 layer, 7 a Mamba-2 one; on a CPU, 7 and 6 (conv and scan walk the chunk).
 """
 
 from dataclasses import dataclass, field  # no `from __future__ import annotations`: TVMScript reads the real annotations
@@ -21,9 +23,10 @@ from tvm import relax, tirx
 
 from edgemamba.kernels.tvm_common import Pdl, pdl_for
 from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel
-from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, MatmulSpec, RowNormSpec, ScanSpec, bcdt_norm_kernel,
-                                           conv_chunk_kernel, embed_kernel, last_row_kernel, matmul_kernel,
-                                           row_norm_kernel, scan_kernel)
+from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, ConvOutSpec, MatmulSpec, RowNormSpec, ScanChunkSpec, ScanSpec,
+                                           bcdt_norm_kernel, conv_chunk_kernel, conv_out_kernel, embed_kernel,
+                                           last_row_kernel, matmul_kernel, row_norm_kernel, scan_chunk_kernels,
+                                           scan_kernel)
 from edgemamba.kernels.tvm_ssm import SsmStepSpec, ssm_step_kernel
 from edgemamba.runtimes.tvm import WEIGHT_DTYPES, param_specs, state_specs
 from edgemamba.spec import ModelSpec
@@ -53,6 +56,11 @@ class _Builder:
 
     def call(self, key, make, args, out_shape, out_dtype="float32"):
         return self.bb.emit(relax.call_tir(self.kernel(key, make), args, _ty(out_shape, out_dtype)))
+
+    def call_many(self, key, make, args, out_shapes):
+        """A kernel with several new float32 outputs."""
+        out = self.bb.emit(relax.call_tir(self.kernel(key, make), args, [_ty(s) for s in out_shapes]))
+        return [self.bb.emit(relax.TupleGetItem(out, i)) for i in range(len(out_shapes))]
 
     def call_inplace(self, key, make, args, inplace: list[int], out_shapes, out_dtypes=None):
         """Outputs: one per entry of `inplace` (an argument index it aliases, or -1 for a new tensor)."""
@@ -183,6 +191,8 @@ def _prefill_layer(L: _Layer, h, rows):
     mi = MatmulSpec(NI, d, L.wdtype, act, bias=s.use_bias)
     proj = kb.call(mi, lambda: matmul_kernel(mi, gpu, kb.target), [hn, *L.mat("in_proj"), *L.opt("in_proj_bias")],
                    (rows, NI))  # (rows, in_proj_dim)
+    if gpu:
+        return _prefill_layer_parallel(L, h, rows, proj)
     cc = ConvChunkSpec(NI, L.conv_lo, L.conv_lo + C, s.d_conv, s.use_conv_bias)
     args = [proj, L.w("conv_weight"), *L.opt("conv_bias"), L.conv_state]
     proj, _ = kb.call_inplace(cc, lambda: conv_chunk_kernel(cc, gpu), args, [0, len(args) - 1],
@@ -200,6 +210,55 @@ def _prefill_layer(L: _Layer, h, rows):
     else:
         args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     _, y = kb.call_inplace(k, lambda: scan_kernel(k, gpu), args, [len(args) - 1, -1],
+                           [s.ssm_state_shape(1), (rows, e)], [None, k.y_dtype])  # y (rows, d_inner)
+    if s.arch == "mamba2":
+        gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate, z_cols=NI,
+                         eps=s.norm_eps)
+        y = kb.call(gn, lambda: row_norm_kernel(gn, gpu), [y, proj, L.w("gate_norm")], (rows, e), act)
+    mo = MatmulSpec(d, e, L.wdtype, act, bias=s.use_bias, residual=True)
+    return kb.call(mo, lambda: matmul_kernel(mo, gpu, kb.target), [y, *L.mat("out_proj"), *L.opt("out_proj_bias"), h],
+                   (rows, d))
+
+
+def _prefill_layer_parallel(L: _Layer, h, rows, proj):
+    """The rest of a GPU prefill layer after in_proj: the conv out of place across tokens (xc), the scan
+    in time pieces (`ScanChunkSpec`: states, then pieces), out_proj; proj keeps the raw in_proj output."""
+    kb, s, gpu, act = L.kb, L.s, L.kb.gpu, L.act
+    e, d, n, NI, C = s.d_inner, s.d_model, s.d_state, s.in_proj_dim, s.conv_dim
+    half = s.arch == "mamba1" and act == "float16"  # x_proj on tensor cores takes an fp16 copy of xc
+    co = ConvOutSpec(ConvChunkSpec(NI, L.conv_lo, L.conv_lo + C, s.d_conv, s.use_conv_bias), half)
+    args = [proj, L.w("conv_weight"), *L.opt("conv_bias"), L.conv_state]
+    _, xc, *xc16 = kb.call_inplace(co, lambda: conv_out_kernel(co, gpu), args, [len(args) - 1, -1] + [-1] * half,
+                                   [s.conv_state_shape(1), (rows, C)] + [(rows, C)] * half,
+                                   [None, None] + ["float16"] * half)  # xc (rows, conv_dim), float32 (and float16)
+    k = ScanChunkSpec(s, act if s.arch == "mamba1" else "float32")  # Mamba-1's y goes straight to out_proj
+    kernels = {}
+
+    def part(i):
+        def make():
+            if not kernels:
+                kernels["both"] = scan_chunk_kernels(k, gpu)
+            return kernels["both"][i]
+        return make
+
+    if s.arch == "mamba1":
+        r = s.dt_rank
+        mx = MatmulSpec(r + 2 * n, e, L.wdtype, act)
+        dbc = kb.call(mx, lambda: matmul_kernel(mx, gpu, kb.target), [xc16[0] if half else xc, *L.mat("x_proj")],
+                      (rows, r + 2 * n))
+        if s.bcdt_rms_eps is not None:
+            (dbc,) = kb.call_inplace(("bcdt",), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0], [(rows, r + 2 * n)])
+        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
+        dt = kb.call(md, lambda: matmul_kernel(md, gpu, kb.target), [dbc, L.w("dt_proj.T")], (rows, e))
+        named = {"xc": xc, "proj": proj, "dbc": dbc, "dt": dt}
+    else:
+        named = {"xc": xc, "proj": proj}
+    named |= {"dt_bias": L.w("dt_bias"), "A": L.w("A"), "D": L.w("D"), "ssm_state": L.ssm_state}
+    outs = [k.hs_shape, k.sdt_shape] + [(rows, k.per_head)] * k.delta_kept
+    named |= dict(zip(["hs", "sdt", "dlt"], kb.call_many((k, "states"), part(0),
+                                                         [named[p] for p in k.states_params[: -len(outs)]], outs)))
+    args = [named[p] for p in k.pieces_params[:-1]]
+    _, y = kb.call_inplace((k, "pieces"), part(1), args, [k.pieces_params.index("ssm_state"), -1],
                            [s.ssm_state_shape(1), (rows, e)], [None, k.y_dtype])  # y (rows, d_inner)
     if s.arch == "mamba2":
         gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate, z_cols=NI,

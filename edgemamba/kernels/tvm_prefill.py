@@ -3,14 +3,19 @@
     embed        h = E[ids]                                       (also the decode step's first kernel)
     row_norm     RMSNorm of each row (Mamba-2: the gated, grouped norm) into the matmul input
     matmul       out = [res +] x · Wᵀ [+ bias]                    x (t, K), W (N, K) as in torch
-    conv_chunk   causal conv + silu over the chunk, in place on the conv channels, state in place
+    conv_chunk   causal conv + silu over the chunk, in place on the conv channels, state in place (CPU)
+    conv_out     the same out of place, every token at once (GPU)
     bcdt_norm    Falcon-Mamba's weightless RMSNorm of Δ, B and C, in place
-    scan         the selective scan over the chunk, sequential in time, state in place
+    scan         the selective scan over the chunk, sequential in time, state in place (CPU)
+    scan_states, scan_pieces
+                 the same split in time into pieces scanned at once, the states carried between
+                 them (GPU; `ScanChunkSpec`)
     last_row     the final hidden row, for the lm_head GEMV
 
-GPU: matmul is scheduled by TVM's dlight rule (CUDA cores); the scan runs one thread per
-(channel, lane) with lanes splitting d_state; the conv one thread per channel with the window in
-registers. CPU: rows or channels in parallel, matmul as register-tiled dot products.
+GPU: matmul on tensor cores (WMMA) where its input is fp16, else TVM's dlight rule (CUDA cores); the
+scans run one thread per (channel, lane) with lanes splitting d_state (Mamba-2: a thread takes several
+channels of a head). CPU: rows or channels in parallel, matmul as register-tiled dot products, the
+conv and the scan one task per channel walking the chunk.
 """
 
 from dataclasses import dataclass  # no `from __future__ import annotations`: TVMScript reads the real annotations
@@ -660,3 +665,330 @@ def _scan2(k: ScanSpec, gpu: bool):
                 channel(proj, dt_bias, A, D, ssm_state, y, th, True)
 
     return scan
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU prefill: the conv across tokens, the scan in time chunks
+# ---------------------------------------------------------------------------------------------
+CONV_TOKEN_GROUPS = 32  # GPU conv: a block's threads are 32 channels × this many token groups
+
+
+@dataclass(frozen=True)
+class ConvOutSpec:
+    """The causal conv + silu over a chunk, out of place: xc (t, hi - lo) float32 from proj's raw
+    columns [lo, hi), which stay as they are (conv_state in place)."""
+
+    conv: ConvChunkSpec
+    half: bool = False  # also xc16 (t, C) float16: Mamba-1's x_proj input on tensor cores
+
+    @property
+    def params(self) -> list[str]:
+        return self.conv.params + ["xc"] + (["xc16"] if self.half else [])
+
+    def name(self) -> str:
+        return self.conv.name().replace("conv_chunk_", "conv_out_", 1) + ("_f16" if self.half else "")
+
+
+def conv_out_reference(s: ConvOutSpec, proj, conv_w, conv_state, conv_b=None):
+    """xc (t, C); conv_state (1, C, d_conv-1) updated in place, proj untouched."""
+    work = proj.copy()
+    conv_chunk_reference(s.conv, work, conv_w, conv_state, conv_b)
+    return work[:, s.conv.lo : s.conv.hi]
+
+
+def conv_out_kernel(s: ConvOutSpec, gpu: bool):
+    """Every (token, channel) output at once. GPU: a block of 32 channels × CONV_TOKEN_GROUPS token
+    groups walks the chunk with stride CONV_TOKEN_GROUPS; the new state (the last d_conv-1 inputs) is
+    read before a barrier and written after it, so no thread reads a state another has replaced.
+    CPU: channels in parallel."""
+    c0 = s.conv
+    t, C, KC, TG = _rows(), c0.hi - c0.lo, c0.d_conv, CONV_TOKEN_GROUPS
+
+    def inp(proj, conv_state, i, c, j):  # the input at token i - (KC-1) + j: proj, or the state before it
+        k = i - (KC - 1) + j
+        return T.if_then_else(k >= 0, proj[T.max(k, 0), c0.lo + c],
+                              conv_state[0, c, T.min(T.max(k + KC - 1, 0), KC - 2)])
+
+    def out(proj, conv_w, conv_b, conv_state, i, c):
+        return silu_expr(rsum([conv_w[c, j] * inp(proj, conv_state, i, c, j) for j in range(KC)]
+                              + ([conv_b[c]] if c0.conv_bias else [])), not gpu)
+
+    @T.macro
+    def store(proj, conv_w, conv_b, conv_state, xc, xc16, i, c):
+        xc[i, c] = out(proj, conv_w, conv_b, conv_state, i, c)
+        if s.half:
+            xc16[i, c] = T.Cast("float16", xc[i, c])
+
+    @T.prim_func(private=True)
+    def conv_out(proj: T.Buffer((t, c0.cols), "float32"), conv_w: T.Buffer((C, KC), "float32"),
+                 conv_b: T.Buffer((C,), "float32"), conv_state: T.Buffer((1, C, KC - 1), "float32", **ROW_VIEW),
+                 xc: T.Buffer((t, C), "float32"), xc16: T.Buffer((t, C), "float16")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        if gpu:
+            for bx in T.thread_binding((C + 31) // 32, thread="blockIdx.x"):
+                for ty in T.thread_binding(TG, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        keep = T.alloc_buffer((KC - 1,), "float32", scope="local")
+                        for io in range((t + TG - 1) // TG):
+                            if io * TG + ty < t and bx * 32 + tx < C:
+                                store(proj, conv_w, conv_b, conv_state, xc, xc16, io * TG + ty, bx * 32 + tx)
+                        for j in T.unroll(KC - 1):
+                            keep[j] = inp(proj, conv_state, t, T.min(bx * 32 + tx, C - 1), j)
+                        T.tvm_storage_sync("shared")
+                        if ty == 0 and bx * 32 + tx < C:
+                            for j in T.unroll(KC - 1):
+                                conv_state[0, bx * 32 + tx, j] = keep[j]
+        else:
+            for c in T.parallel(C):
+                keep = T.alloc_buffer((KC - 1,), "float32", scope="local")
+                for i in range(t):
+                    store(proj, conv_w, conv_b, conv_state, xc, xc16, i, c)
+                for j in range(KC - 1):
+                    keep[j] = inp(proj, conv_state, t, c, j)
+                for j in range(KC - 1):
+                    conv_state[0, c, j] = keep[j]
+
+    return drop_unused_params(conv_out, s.params, s.name())
+
+
+@dataclass(frozen=True)
+class ScanChunkSpec:
+    """The selective scan of a chunk of t tokens split in time into at most `max_chunks` pieces of a
+    multiple of 16 tokens (`pieces`), two kernels:
+
+        scan_states   every piece at once from a zero state: its end state into hs[k + 1] and its Σ Δ
+                      into sdt[k]; the state before the chunk into hs[0] (keep_delta: Δ into dlt)
+        scan_pieces   every piece at once from the state carried into it, folded from hs and sdt
+                      (state after piece k = exp(A · sdt[k]) · state before it + hs[k + 1]), walked
+                      again, writing y; the last piece writes ssm_state
+
+    Inputs: Mamba-1, x from xc (t, d_inner) (the conv's output), z from proj, B and C from dbc, dt
+    (t, d_inner) before bias and softplus; Mamba-2, x, B, C from xc (t, conv_dim), dt from proj.
+    Defaults (None) by architecture, from A/Bs on an H100 (benchmarks/RESULTS.md, TVM section)."""
+
+    spec: ModelSpec
+    y_dtype: str = "float32"
+    max_chunks: int = 32
+    channels: int | None = None  # channels a thread takes (Mamba-2: of one head; they share Δ, A, B, C); 8
+    strided: bool | None = None  # GPU: lane l holds states l, l + NL, … (else l·SPL … l·SPL + SPL-1); Mamba-2
+    keep_delta: bool | None = None  # scan_states writes Δ (t, per_head) for scan_pieces to read; Mamba-2
+
+    @property
+    def m1(self) -> bool:
+        return self.spec.arch == "mamba1"
+
+    @property
+    def channels_per_thread(self) -> int:
+        want = self.channels if self.channels is not None else (1 if self.m1 else 8)
+        return 1 if self.m1 else next(c for c in range(want, 0, -1) if self.spec.head_dim % c == 0)
+
+    @property
+    def lanes_strided(self) -> bool:
+        return self.strided if self.strided is not None else not self.m1
+
+    @property
+    def delta_kept(self) -> bool:
+        return self.keep_delta if self.keep_delta is not None else not self.m1
+
+    @property
+    def states_params(self) -> list[str]:
+        inputs = ["xc", "dbc", "dt", "dt_bias", "A"] if self.m1 else ["xc", "proj", "dt_bias", "A"]
+        return inputs + ["ssm_state", "hs", "sdt"] + (["dlt"] if self.delta_kept else [])
+
+    @property
+    def pieces_params(self) -> list[str]:
+        if self.delta_kept:
+            inputs = ["xc", "proj", "dbc", "A", "D"] if self.m1 else ["xc", "A", "D"]
+        else:
+            inputs = ["xc", "proj", "dbc", "dt", "dt_bias", "A", "D"] if self.m1 else ["xc", "proj", "dt_bias", "A", "D"]
+        return inputs + ["ssm_state", "hs", "sdt"] + (["dlt"] if self.delta_kept else []) + ["y"]
+
+    @property
+    def per_head(self) -> int:  # Δ, dt_bias, D: per channel (Mamba-1) or per head (Mamba-2)
+        return self.spec.d_inner if self.m1 else self.spec.n_heads
+
+    @property
+    def hs_shape(self) -> tuple[int, ...]:
+        return (self.max_chunks + 1, *self.spec.ssm_state_shape(1)[1:])
+
+    @property
+    def sdt_shape(self) -> tuple[int, int]:
+        return (self.max_chunks, self.per_head)
+
+    def name(self, part: str) -> str:
+        base = ScanSpec(self.spec, self.y_dtype).name().replace("scan_", f"scan_{part}_", 1)
+        knobs = (f"c{self.channels_per_thread}" + ("s" if self.lanes_strided else "")
+                 + ("d" if self.delta_kept else ""))
+        return f"{base}_k{self.max_chunks}{knobs}"
+
+    def pieces(self, t):
+        """(piece length, number of pieces) for t tokens (ints or PrimExprs)."""
+        mx = max if isinstance(t, int) else tirx.max
+        length = (mx((t + self.max_chunks - 1) // self.max_chunks, 16) + 15) // 16 * 16
+        return length, (t + length - 1) // length
+
+
+def scan_chunk_reference(k: ScanChunkSpec, proj, xc, ssm_state, *, dbc=None, dt=None, dt_bias, A, D):
+    """What the two kernels compute together, as the sequential scan does: y (t, d_inner); ssm_state in place."""
+    s = k.spec
+    full = proj.copy()
+    lo = 0 if k.m1 else s.d_inner
+    full[:, lo : lo + xc.shape[1]] = xc
+    return scan_reference(ScanSpec(s, k.y_dtype), full, ssm_state, dbc=dbc, dt=dt, dt_bias=dt_bias, A=A, D=D)
+
+
+def scan_chunk_kernels(k: ScanChunkSpec, gpu: bool):
+    """(scan_states, scan_pieces) PrimFuncs. GPU: blockIdx.y the piece; a thread takes CPT channels
+    (`channels_per_thread`) and, of NL lanes splitting d_state, SPL states (strided: lane, lane + NL, …,
+    so that a warp's loads of B and C coalesce); a piece's tokens go in groups of 8, unrolled (guards
+    only in the last group). CPU: (piece, channel group) in parallel, one lane."""
+    s = k.spec
+    t, e, n, H, P, G = _rows(), s.d_inner, s.d_state, s.n_heads, s.head_dim, s.n_groups
+    m1, keep = k.m1, k.delta_kept
+    NL = ScanSpec(s).lanes(gpu)
+    CPT = k.channels_per_thread
+    SPL, NT = n // NL, e // CPT * NL
+    reduce = lane_reduce(NL)
+    r = s.dt_rank if m1 else 0
+    XW = e if m1 else s.conv_dim  # xc's width
+    NI, DTO, BO, CO = s.in_proj_dim, e + s.conv_dim, e, e + G * n  # Mamba-2: dt in proj, B and C in xc
+    HPG = (H // G) if not m1 else 1
+    PERH = k.per_head
+    A_shape = (e, n) if m1 else (H,)
+    state_shape = s.ssm_state_shape(1)
+    U = 8  # tokens a group
+    length, n_pieces = k.pieces(t)
+
+    def head(c):  # Mamba-1: the channel itself
+        return c if m1 else c // P
+
+    def st(lane, j):  # the state index of a lane's j-th state
+        return j * NL + lane if k.lanes_strided else lane * SPL + j
+
+    def sidx(lead, c, lane, j):  # index into a state-shaped buffer (lead: its first dimension)
+        return [lead, c, st(lane, j)] if m1 else [lead, c // P, c % P, st(lane, j)]
+
+    def sat(buf, lead, c, lane, j):
+        return buf[tuple(sidx(lead, c, lane, j))]
+
+    def first_of_head(c, lane):  # one thread per channel (Mamba-1) or head (Mamba-2) writes Δ
+        return lane == 0 if m1 else tirx.all(lane == 0, c % P == 0)
+
+    def bval(xc, dbc, i, c, lane, j):
+        return dbc[i, r + st(lane, j)] if m1 else xc[i, BO + c // P // HPG * n + st(lane, j)]
+
+    def cval(xc, dbc, i, c, lane, j):
+        return dbc[i, r + n + st(lane, j)] if m1 else xc[i, CO + c // P // HPG * n + st(lane, j)]
+
+    def delta_expr(proj, dt, dt_bias, i, c):
+        raw = dt[i, c] if m1 else proj[i, DTO + c // P]
+        return clip_dt_expr(softplus_expr(raw + dt_bias[head(c)], not gpu), s.dt_limit)
+
+    def decay(A, c, lane, j, d):
+        return exp_expr(d * (A[c, st(lane, j)] if m1 else A[c // P]), not gpu)
+
+    def step_decay(A, ea, c, lane, j, d):  # Mamba-2: one exp a token (ea), Mamba-1: one a state
+        return decay(A, c, lane, j, d) if m1 else ea[0]
+
+    @T.macro
+    def step(xc, proj, dbc, dt, dt_bias, A, D, dlt, y, h, acc, dl, ea, sd, i, c0, lane, active, with_y):
+        # c0: this thread's first channel; Mamba-2's CPT channels share a head (Δ, A) and a group (B, C)
+        if with_y and keep:
+            dl[0] = dlt[i, head(c0)]
+        else:
+            dl[0] = delta_expr(proj, dt, dt_bias, i, c0)
+        if keep and not with_y:
+            if active:
+                if first_of_head(c0, lane):
+                    dlt[i, head(c0)] = dl[0]
+        sd[0] = sd[0] + dl[0]
+        if not m1:
+            ea[0] = decay(A, c0, lane, 0, dl[0])
+        for u in T.unroll(CPT):
+            for j in T.unroll(SPL):
+                h[u, j] = (step_decay(A, ea, c0 + u, lane, j, dl[0]) * h[u, j]
+                           + dl[0] * xc[i, c0 + u] * bval(xc, dbc, i, c0, lane, j))
+        if with_y:
+            for u in T.unroll(CPT):
+                acc[u, 0] = T.float32(0)
+                for j in T.unroll(SPL):
+                    acc[u, 0] = acc[u, 0] + h[u, j] * cval(xc, dbc, i, c0, lane, j)
+                reduce(acc, u)
+            if active:
+                if lane == 0:
+                    for u in T.unroll(CPT):
+                        if m1:
+                            y[i, c0 + u] = T.Cast(k.y_dtype, (acc[u, 0] + D[c0 + u] * xc[i, c0 + u])
+                                                  * silu_expr(proj[i, e + c0 + u], not gpu))
+                        else:
+                            y[i, c0 + u] = T.Cast(k.y_dtype, acc[u, 0] + D[head(c0)] * xc[i, c0 + u])
+
+    @T.macro
+    def body(xc, proj, dbc, dt, dt_bias, A, D, ssm_state, hs, sdt, dlt, y, kk, th, active, with_y):
+        c0, lane = th // NL * CPT, th % NL
+        h = T.alloc_buffer((CPT, SPL), "float32", scope="local")
+        acc = T.alloc_buffer((CPT, 1), "float32", scope="local")
+        dl = T.alloc_buffer((1,), "float32", scope="local")
+        ea = T.alloc_buffer((1,), "float32", scope="local")
+        sd = T.alloc_buffer((1,), "float32", scope="local")
+        for u in T.unroll(CPT):
+            for j in T.unroll(SPL):
+                if with_y:  # the state carried in: hs[0] through the pieces before this one
+                    h[u, j] = sat(hs, 0, c0 + u, lane, j)
+                else:
+                    h[u, j] = T.float32(0)
+        if with_y:
+            for q in range(kk):
+                for u in T.unroll(CPT):
+                    for j in T.unroll(SPL):
+                        h[u, j] = (decay(A, c0 + u, lane, j, sdt[q, head(c0 + u)]) * h[u, j]
+                                   + sat(hs, q + 1, c0 + u, lane, j))
+        sd[0] = T.float32(0)
+        for io in range(length // U):
+            if kk * length + io * U + U <= t:
+                for iu in T.unroll(U):
+                    step(xc, proj, dbc, dt, dt_bias, A, D, dlt, y, h, acc, dl, ea, sd, kk * length + io * U + iu, c0,
+                         lane, active, with_y)
+            else:
+                for iu in range(U):
+                    if kk * length + io * U + iu < t:
+                        step(xc, proj, dbc, dt, dt_bias, A, D, dlt, y, h, acc, dl, ea, sd, kk * length + io * U + iu,
+                             c0, lane, active, with_y)
+        if active:
+            if with_y:
+                if kk == n_pieces - 1:
+                    for u in T.unroll(CPT):
+                        for j in T.unroll(SPL):
+                            T.buffer_store(ssm_state, h[u, j], sidx(0, c0 + u, lane, j))
+            else:
+                for u in T.unroll(CPT):
+                    for j in T.unroll(SPL):
+                        T.buffer_store(hs, h[u, j], sidx(kk + 1, c0 + u, lane, j))
+                        if kk == 0:
+                            T.buffer_store(hs, sat(ssm_state, 0, c0 + u, lane, j), sidx(0, c0 + u, lane, j))
+                if first_of_head(c0, lane):
+                    sdt[kk, head(c0)] = sd[0]
+
+    def kernel(with_y: bool):
+        @T.prim_func(private=True)
+        def scan(xc: T.Buffer((t, XW), "float32"), proj: T.Buffer((t, NI), "float32"),
+                 dbc: T.Buffer((t, r + 2 * n), "float32"), dt: T.Buffer((t, e), "float32"),
+                 dt_bias: T.Buffer((PERH,), "float32"), A: T.Buffer(A_shape, "float32"), D: T.Buffer((PERH,), "float32"),
+                 ssm_state: T.Buffer(state_shape, "float32", **ROW_VIEW), hs: T.Buffer(k.hs_shape, "float32"),
+                 sdt: T.Buffer(k.sdt_shape, "float32"), dlt: T.Buffer((t, PERH), "float32"),
+                 y: T.Buffer((t, e), k.y_dtype)):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            if gpu:
+                for kk in T.thread_binding(n_pieces, thread="blockIdx.y"):
+                    for bx in T.thread_binding((NT + THREADS - 1) // THREADS, thread="blockIdx.x"):
+                        for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                            body(xc, proj, dbc, dt, dt_bias, A, D, ssm_state, hs, sdt, dlt, y, kk,
+                                 T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT, with_y)
+            else:
+                for kt in T.parallel(n_pieces * NT):
+                    body(xc, proj, dbc, dt, dt_bias, A, D, ssm_state, hs, sdt, dlt, y, kt // NT, kt % NT, True, with_y)
+
+        return scan
+
+    return (drop_unused_params(kernel(False), k.states_params, k.name("states")),
+            drop_unused_params(kernel(True), k.pieces_params, k.name("pieces")))
