@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import time
 
 import numpy as np
@@ -118,7 +119,7 @@ class SyntheticModel:
 
     # ---- weights ----------------------------------------------------------------------------------
     def _array(self, arr: np.ndarray) -> int:
-        arr = np.ascontiguousarray(arr)
+        arr = in_huge_pages(np.ascontiguousarray(arr))
         self._keep.append(arr)
         self.layer_bytes += arr.nbytes
         return arr.ctypes.data
@@ -169,6 +170,22 @@ class SyntheticModel:
     def __del__(self):
         if getattr(self, "model", None):
             self.close()
+
+
+def in_huge_pages(arr: np.ndarray) -> np.ndarray:
+    """`arr` (2 MiB or more) copied into memory that asks for 2 MiB pages, as NativeBackend loads
+    weights.bin by default (runtimes.native.load_weights: a decode step streams every weight, and with
+    4 KiB pages each costs a TLB miss), whatever NumPy's own allocator asks for."""
+    huge = 2 << 20
+    if arr.nbytes < huge or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return arr
+    buf = mmap.mmap(-1, arr.nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = np.frombuffer(buf, dtype=np.uint8)  # keeps `buf` alive
+    start = -whole.ctypes.data % huge
+    buf.madvise(mmap.MADV_HUGEPAGE, start, arr.nbytes // huge * huge)  # before the pages are touched
+    out = whole[start:start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    return out
 
 
 def matrix_bytes(k: int, n: int, fmt: str) -> int:

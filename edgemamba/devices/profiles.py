@@ -254,37 +254,42 @@ _TVM_GEMV = Figure(0.85, "measured: TVM's own matrix-vector kernels on an H100 (
 # `edgemamba devices --probe` measures every figure below on the machine (probe_native.measure_native_costs:
 # synthetic models through the engine's C API, which records the engine's kernels, em_model_isa). These
 # defaults are the median of 6 such probes on this project's 2-core AMD EPYC (Zen 5, KVM) at 2 threads
-# (engine of git df881c8); efficiencies are against that machine's probed references, whose medians
-# were 45.0 GB/s NumPy matrix-vector bandwidth (37.6-58.7 over the probes) and 239 GFLOP/s ONNX Runtime
-# (MLAS, AVX-512) fp32 rate (216-411). The engine's own rates, beside each figure, moved less.
-_NATIVE = "measured: native engine, synthetic models (probe_native), 6 probes, 2-core AMD EPYC Zen 5, 2 threads"
+# (engine of git 0f456cf, avx512_vnni kernels, weights in 2 MiB pages; 2026-11-22); efficiencies are the
+# median engine rate against the median of that machine's probed references: 43.5 GB/s NumPy
+# matrix-vector bandwidth (34.0-45.8 over the probes) and 375 GFLOP/s ONNX Runtime (MLAS, AVX-512) fp32
+# rate (230-405, bimodal). The engine's own rates, beside each figure, moved less.
+_NATIVE = ("measured: native engine (avx512_vnni kernels), synthetic models (probe_native), 6 probes, 2-core AMD "
+           "EPYC Zen 5, 2 threads")
 _NATIVE_COST = TargetCost(
     processor="cpu",
     launches_per_layer={"mamba1": 2, "mamba2": 2},
     launches_fixed=1,
     chunk_launches_per_layer={"mamba1": 7, "mamba2": 6},
     chunk_launches_fixed=1,
-    launch_s=Figure(0.35e-6, f"{_NATIVE}: 0.34-0.36 µs a thread-pool job (dispatch, join) on a quiet machine; "
-                             "1-200 µs when another process takes one of the two cores"),
-    call_s=Figure(2.5e-6, f"{_NATIVE}: one step call beyond its jobs (ctypes, embedding row, final norm)"),
+    launch_s=Figure(0.38e-6, f"{_NATIVE}: 0.34-0.46 µs a thread-pool job (dispatch, join) on a quiet machine; "
+                             "1-230 µs when another process takes one of the two cores"),
+    call_s=Figure(2.5e-6, f"{_NATIVE}: 2.3-3.8 µs, one step call beyond its jobs (ctypes, embedding row, final norm)"),
     scan_step_s=Figure(0.0, "the engine's scan is counted per state element (state_element_s)"),
-    state_element_s=Figure(0.53e-9, f"{_NATIVE}: 0.52-0.59 ns per state element a token and layer, a Mamba-1 scan "
+    state_element_s=Figure(0.46e-9, f"{_NATIVE}: 0.45-0.64 ns per state element a token and layer, a Mamba-1 scan "
                                     "(an exp an element) with its conv and gates"),
-    weight_read_efficiency=Figure(1.18, f"{_NATIVE}: float32 layer weights streamed by decode steps, 44-67 GB/s"),
-    head_read_efficiency=Figure(1.34, f"{_NATIVE}: the float32 head (output-row split), 47-79 GB/s"),
-    gemm_efficiency=Figure(0.83, f"{_NATIVE}: the panel GEMM, float32 weights packed, 194-206 GFLOP/s"),
+    weight_read_efficiency=Figure(0.97, f"{_NATIVE}: float32 layer weights streamed by decode steps, 38-45 GB/s"),
+    head_read_efficiency=Figure(1.03, f"{_NATIVE}: the float32 head (output-row split), 43-49 GB/s"),
+    gemm_efficiency=Figure(1.00, f"{_NATIVE}: the 12x32 panel GEMM, float32 weights packed per chunk, "
+                                 "366-436 GFLOP/s"),
     runtime_bytes=Figure(40 * MiB, "measured: 35 MiB resident set of a Session (Python, NumPy, the engine) on a "
                                    "2-layer d_model-64 artifact"),
     variants={
-        "state_element_s.mamba2": Figure(0.062e-9, f"{_NATIVE}: 0.059-0.087 ns, a Mamba-2 scan (an exp a head)"),
-        "weight_read_efficiency.f16": Figure(0.86, f"{_NATIVE}: float16 layer weights, 35-45 GB/s"),
-        "weight_read_efficiency.q8": Figure(0.99, f"{_NATIVE}: 8-bit blocks (int16 dot products), 39-51 GB/s"),
-        "weight_read_efficiency.q4": Figure(0.64, f"{_NATIVE}: 4-bit blocks (int8 dot products), 24-31 GB/s"),
-        "head_read_efficiency.f16": Figure(1.25, f"{_NATIVE}: a float16 head, 47-67 GB/s"),
-        "head_read_efficiency.q8": Figure(1.11, f"{_NATIVE}: an 8-bit head, 38-54 GB/s"),
-        "gemm_efficiency.f16": Figure(0.76, f"{_NATIVE}: float16 weights packed into float32 panels, 178-189 GFLOP/s"),
-        "gemm_efficiency.q8": Figure(0.75, f"{_NATIVE}: 8-bit blocks dequantized into panels, 176-183 GFLOP/s"),
-        "gemm_efficiency.q4": Figure(0.77, f"{_NATIVE}: 4-bit blocks dequantized into panels, 180-187 GFLOP/s"),
+        "state_element_s.mamba2": Figure(0.034e-9, f"{_NATIVE}: 0.034-0.045 ns, a Mamba-2 scan (an exp a head)"),
+        "weight_read_efficiency.f16": Figure(0.80, f"{_NATIVE}: float16 layer weights, 33-36 GB/s"),
+        "weight_read_efficiency.q8": Figure(1.00, f"{_NATIVE}: 8-bit blocks (int16 dot products), 38-45 GB/s"),
+        "weight_read_efficiency.q4": Figure(0.82, f"{_NATIVE}: 4-bit blocks (int8 dot products), 23-38 GB/s"),
+        "head_read_efficiency.f16": Figure(1.01, f"{_NATIVE}: a float16 head, 41-49 GB/s"),
+        "head_read_efficiency.q8": Figure(1.00, f"{_NATIVE}: an 8-bit head, 42-48 GB/s"),
+        "gemm_efficiency.f16": Figure(1.07, f"{_NATIVE}: float16 weights packed into float32 panels, 385-480 GFLOP/s"),
+        "gemm_efficiency.q8": Figure(1.23, f"{_NATIVE}: 8-bit codes x int16 activations (VNNI vpdpwssd), "
+                                           "443-585 GFLOP/s"),
+        "gemm_efficiency.q4": Figure(1.64, f"{_NATIVE}: 4-bit codes x int8 activations (VNNI vpdpbusd), "
+                                           "576-842 GFLOP/s"),
     },
     launches_per_linear={"f32": 2, "f16": 2, "q8": 1, "q4": 1},
     split_linear_min=256,
