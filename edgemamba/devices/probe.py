@@ -501,8 +501,17 @@ def measure_sequential_kernels(torch, shape: dict, kernels, lengths: tuple[int, 
 def tvm_sequential_kernels(lib, names: dict, shape: dict, tvm_ffi):
     """A tvm-cuda library's own prefill conv and scan (its compiled functions, found by name among
     the library's imports) as `measure_sequential_kernels` callables, with its buffers' layouts."""
-    conv_fn = lib.get_function(names["conv"], query_imports=True)
-    scan_fn = lib.get_function(names["scan"], query_imports=True)
+    try:
+        conv_fn = lib.get_function(names["conv"], query_imports=True)
+        scan_fn = lib.get_function(names["scan"], query_imports=True)
+    except Exception:  # tvm_ffi raises or returns None for a missing symbol, by version
+        conv_fn = scan_fn = None
+    if conv_fn is None or scan_fn is None:
+        # Libraries built since issue 7's parallel prefill (conv_out, scan_states/scan_pieces) have no
+        # token-walking GPU kernels: scan_step_s (a per-token cost) does not describe them.
+        raise EdgeMambaError(f"--tvm-library: the library has no token-sequential prefill kernels ({names['conv']}, "
+                             f"{names['scan']}): it scans in parallel time pieces, which scan_step_s does not model; "
+                             "probe without --tvm-library (the profile's default stands)")
     e, n = shape["e"], shape["n"]
     state = (1, e, n) if shape["arch"] == "mamba1" else (1, shape["heads"], shape["head_dim"], n)
     cache = {}
