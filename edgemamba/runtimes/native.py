@@ -291,7 +291,7 @@ class NativeBackend:
                                          layers, self.threads, max(batch, max_rows), err, len(err))
         if not self._model:
             raise NativeUnavailable(f"{artifact.path}: {err.value.decode()}")
-        self.isa = self.lib.em_model_isa(self._model).decode()  # prefill kernels: avx512, avx2 or generic
+        self.isa = self.lib.em_model_isa(self._model).decode()  # its kernels: avx512_vnni, avx512, avx2 or generic
         self.state_keys = [f"{kind}_state.{i}" for i in range(s.n_layer) for kind in ("conv", "ssm")]
         self._state = {}
         for i in range(s.n_layer):

@@ -67,8 +67,9 @@ EM_API void em_prefill(em_model *m, const int64_t *ids, int t, float *const *con
 /* "avx2" or "generic": what this build's kernels need (the caller checks the CPU supports it). */
 EM_API const char *em_isa(void);
 
-/* What a model's prefill kernels use: em_isa(), or "avx512" where the build and the CPU have it
- * (chosen at em_create; the environment variable EDGEMAMBA_NATIVE_ISA=avx2 keeps AVX2). */
+/* The kernels a model runs: em_isa(), or "avx512" / "avx512_vnni" where the build and the CPU have
+ * them (chosen at em_create: float GEMM, GEMVs, Mamba-2 scan and conv; with VNNI, the int8/int4 prefill
+ * GEMM). The environment variable EDGEMAMBA_NATIVE_ISA=avx2 keeps the AVX2 kernels. */
 EM_API const char *em_model_isa(const em_model *m);
 
 #ifdef __cplusplus
