@@ -140,13 +140,16 @@ def _synthetic_gpu(costs: dict[str, float], bandwidth: float = 1e18, ops: float 
 
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_tvm_cuda_prefill_prediction_on_a_synthetic_profile(arch):
-    """tvm-cuda prefill: per chunk its matrix products' K-tile steps, its kernels and the call; per token
-    and layer the scan step. Expected time computed by hand from the spec's sizes."""
+    """tvm-cuda prefill: per chunk its matrix products' K-tile steps, its kernels and the call; per chunk and
+    layer the scan in time pieces (at most 32, multiples of 16 tokens), two passes of one piece length over
+    d_inner channels; a token-sequential scan_step_s (0 by default since git 0862449) per token and layer.
+    Expected time computed by hand from the spec's sizes."""
     sizes = {"d_state": 16} if arch == "mamba1" else {"d_state": 64, "n_heads": 32, "head_dim": 64}
     spec = ModelSpec(arch, d_model=1024, n_layer=6, vocab_size=4096, d_inner=2048, d_conv=4, dt_rank=70, **sizes)
-    costs = {"scan_step_s": 1e-6, "kloop_step_s": 0.5e-6, "launch_s": 3e-6, "chunk_launch_extra_s": 7e-6,
+    costs = {"scan_piece_step_s": 1e-9, "conv_group_step_s": 0.25e-6, "kloop_step_s": 0.5e-6, "launch_s": 3e-6, "chunk_launch_extra_s": 7e-6,
              "call_s": 50e-6}
     work = workload(spec, "tvm-cuda", "fp16")
+    assert TARGET_COSTS["tvm-cuda"].scan_step_s.value == 0.0 and TARGET_COSTS["tvm-cuda"].scan_pieces == 32
     # K-tile steps a chunk: in_proj (K = d_model), out_proj and Mamba-1's x_proj (K = d_inner) in 32-deep
     # tiles; dt_proj (K = dt_rank, 70 -> 5 tiles) in 16-deep ones
     per_layer = 1024 // 32 + 2048 // 32 + (2048 // 32 + 5 if arch == "mamba1" else 0)
@@ -154,18 +157,35 @@ def test_tvm_cuda_prefill_prediction_on_a_synthetic_profile(arch):
     kernels = 6 * (8 if arch == "mamba1" else 7) + 3  # the layers' kernels, embedding, last row, lm_head
     assert work.chunk_launches == kernels
     chunk_s = 6 * per_layer * 0.5e-6 + kernels * (3e-6 + 7e-6) + 50e-6
-    for tokens, chunks in ((512, 2), (300, 2), (256, 1)):
-        pred = predict(work, _synthetic_gpu(costs), prompt_len=tokens)
-        expected = chunks * chunk_s + tokens * 6 * 1e-6
-        assert pred.prefill_tokens_per_s == pytest.approx(tokens / expected, rel=1e-9)
-    # a slower scan step adds to every token of every layer; the K-loop term is per chunk
-    slower = predict(work, _synthetic_gpu({**costs, "scan_step_s": 2e-6}), prompt_len=512)
+
+    def scan_s(t):  # ScanChunkSpec.pieces: 256 -> 16 pieces of 16; 44 -> 3 of 16; 2048 -> 32 of 64; 2000 -> 32 of 64
+        length = {256: 16, 44: 16, 2048: 64, 2000: 64}[t]
+        return 6 * 2 * length * 2048 * 1e-9 + 6 * -(-t // 32) * 0.25e-6  # and the conv: ceil(t / 32) steps
+
+    for tokens, chunks in (((256, 256), 2), ((256, 44), 2), ((256,), 1)):
+        pred = predict(work, _synthetic_gpu(costs), prompt_len=sum(tokens))
+        expected = chunks * chunk_s + sum(scan_s(t) for t in tokens)
+        assert pred.prefill_tokens_per_s == pytest.approx(sum(tokens) / expected, rel=1e-9)
+    # one call of 2,048 (2,000) tokens: 32 pieces of 64; the WMMA products' 64 x 64 output tiles exceed one
+    # wave (3 a core x 100 cores = 300): in_proj's K steps are walked tiles / 300 times
+    n_in = 4096 if arch == "mamba1" else 2 * 2048 + 2 * 64 + 32
+    x_tiles = 32 * 2  # x_proj: N = dt_rank + 2 d_state = 102 -> 2 columns of tiles
+    for tokens in (2048, 2000):
+        one = predict(work, _synthetic_gpu(costs), prompt_len=tokens, chunk=tokens)
+        waves = {"in": 32 * -(-n_in // 64) / 300, "out": max(1.0, 32 * 16 / 300), "x": max(1.0, x_tiles / 300)}
+        ksteps = 6 * (1024 // 32 * waves["in"] + 2048 // 32 * waves["out"]
+                      + ((2048 // 32) * waves["x"] + 5 if arch == "mamba1" else 0))
+        assert tokens / one.prefill_tokens_per_s == pytest.approx(
+            ksteps * 0.5e-6 + kernels * 10e-6 + 50e-6 + scan_s(tokens), rel=1e-9)
+    pred = predict(work, _synthetic_gpu(costs), prompt_len=512)
+    # a token-sequential scan step (a library before 0862449, set by a profile) adds to every token of every layer
+    slower = predict(work, _synthetic_gpu({**costs, "scan_step_s": 1e-6}), prompt_len=512)
     assert 512 / slower.prefill_tokens_per_s - 512 / pred.prefill_tokens_per_s == pytest.approx(512 * 6 * 1e-6)
     # where the weights take longer to stream than the K loop, the bandwidth roofline sets the chunk
     starved = predict(work, _synthetic_gpu(costs, bandwidth=1e9), prompt_len=256)
     assert 256 / starved.prefill_tokens_per_s == pytest.approx(
         work.weight_bytes / (1e9 * TARGET_COSTS["tvm-cuda"].weight_read_efficiency.value)
-        + kernels * 10e-6 + 50e-6 + 256 * 6e-6, rel=1e-6)
+        + kernels * 10e-6 + 50e-6 + scan_s(256), rel=1e-6)
     # targets without latency-bound products keep the roofline alone
     assert workload(spec, "ort-cpu", "fp32").chunk_ksteps == 0
 

@@ -6,9 +6,11 @@ A roofline plus the overheads of the engine that runs the target:
                    + launches · launch_s + call_s + n_layer · state_elements · state_element_s
     prefill chunk  Σ over the engine's pieces of the chunk (T rows: the whole chunk, or 128-row pieces)
                      max(layer bytes / bw [+ head bytes / bw_head], (T · token ops [+ head ops]) / peak,
-                         K-tile steps · kloop_step_s)         [the head: once, with the last piece]
+                         K-tile steps · waves · kloop_step_s)         [the head: once, with the last piece]
                      + launches · (launch_s + chunk_launch_extra_s)
                    + call_s + T · n_layer · (scan_step_s + state_elements · state_element_s)
+                   + n_layer · (2 · piece length · d_inner · scan_piece_step_s
+                                + ceil(T / conv_token_groups) · conv_group_step_s)
 
 bw and peak are what the processor achieves (datasheet peak × efficiency, or a measurement from
 `edgemamba devices --probe`) times the engine's own efficiency for the weights' storage format
@@ -21,9 +23,12 @@ format), a GPU target's kernels. The state_element terms are the recurrence wher
 roofline: ONNX Runtime's separate elementwise nodes, the native engine's scan (per state element,
 with its conv and gates; its ops then leave the roofline: `roofline_scan`); fused GPU kernels have
 them at 0. scan_step_s is a scan that walks the chunk token by
-token (ONNX Scan iterations; tvm-cuda's conv and scan kernels). Products whose K loop bounds them at
-chunk sizes (a target's kloop_tiles: tvm-cuda's one wave of tiles) take their K-tile steps whatever T
-is. The workload comes from the ModelSpec at a precision, or from an artifact's real weight files and
+token (ONNX Scan iterations; tvm-cuda's conv and scan before git 0862449); scan_piece_step_s a scan
+split in time into at most scan_pieces pieces (tvm-cuda's scan_states and scan_pieces: each walks one
+piece length, ceil(T / pieces) rounded up to 16, with d_inner channels a step); conv_group_step_s a
+conv whose threads walk the chunk in conv_token_groups strides (tvm-cuda's conv_out). Products whose K loop bounds them at
+chunk sizes (a target's kloop_tiles) take their K-tile steps once per wave of output tiles: one wave
+at Session chunk sizes, more for long chunks (kloop_wave_tiles: tvm-cuda's 64 x 64 WMMA tiles, 3 a core). The workload comes from the ModelSpec at a precision, or from an artifact's real weight files and
 graphs.
 """
 
@@ -57,6 +62,10 @@ class Workload:
     chunk_launches: int  # ... per prefill chunk (the engine's piece of one), the scan loop excluded
     chunk_ksteps: int = 0  # K-tile steps of the prefill's latency-bound products a chunk (the target's kloop_tiles)
     arch: str = "mamba1"
+    # per product with waves of output tiles (the target's kloop_wave_tiles): (K-tile steps over all
+    # layers, output columns N, tile side); chunk_ksteps holds their steps for one wave
+    chunk_waves: tuple = ()
+    channels: int = 0  # d_inner: what a scan in time pieces walks per step
     engine: str = ""  # what runs the target: "native" or "ort" for ort-cpu ("": its only engine)
     layer_format: str = "f32"  # storage of the layer matrices (profiles.FORMATS)
     head_format: str = "f32"  # ... and of the head
@@ -84,6 +93,12 @@ def _token_ops(spec: ModelSpec) -> float:
     return matrix_ops(spec) + spec.n_layer * per_layer
 
 
+def scan_piece_length(t: int, pieces: int) -> int:
+    """Tokens one piece of a scan split in time into at most `pieces` pieces walks (a multiple of 16, as
+    kernels/tvm_prefill.ScanChunkSpec.pieces splits it); 0 when pieces is 0 (no such scan)."""
+    return 0 if not pieces else (max(-(-t // pieces), 16) + 15) // 16 * 16
+
+
 def kloop_steps(spec: ModelSpec, tiles: dict[str, int]) -> int:
     """K-tile steps of a prefill chunk's products: ceil(K / depth) for each layer weight named in
     `tiles` (K: the weight's last axis, as torch stores W (N, K)), over all layers."""
@@ -91,6 +106,24 @@ def kloop_steps(spec: ModelSpec, tiles: dict[str, int]) -> int:
     per_layer = sum(-(-shapes[f"layers.0.{name}"][-1] // depth) for name, depth in tiles.items()
                     if f"layers.0.{name}" in shapes)
     return spec.n_layer * per_layer
+
+
+def kloop_waves(spec: ModelSpec, tiles: dict[str, int], sides: dict[str, int]) -> tuple:
+    """(K-tile steps over all layers, output columns N, tile side) of each product in both `tiles` and
+    `sides` (W (N, K) as torch stores it)."""
+    shapes = spec.weight_shapes()
+    return tuple((spec.n_layer * -(-shapes[f"layers.0.{n}"][-1] // tiles[n]), shapes[f"layers.0.{n}"][0], side)
+                 for n, side in sides.items() if n in tiles and f"layers.0.{n}" in shapes)
+
+
+def kloop_time(work: Workload, rows: int, step_s: float, wave: int) -> float:
+    """The K loops of a chunk of `rows` tokens: every product's K-tile steps, times the waves of its output
+    tiles (`wave` tiles at once, tiles / wave and at least 1; 0: one wave) for those in chunk_waves."""
+    extra = 0.0
+    if wave:  # waves as a fraction (tiles / wave, at least 1): a partial wave's tiles share the cores
+        for steps, n, side in work.chunk_waves:
+            extra += steps * (max(1.0, -(-rows // side) * -(-n // side) / wave) - 1.0)
+    return (work.chunk_ksteps + extra) * step_s
 
 
 def workload(spec: ModelSpec, target: str, precision: str, *, engine: str | None = None, weights: int | None = None,
@@ -119,8 +152,9 @@ def workload(spec: ModelSpec, target: str, precision: str, *, engine: str | None
         token_ops=_token_ops(spec), head_ops=2.0 * spec.vocab_size * spec.d_model,
         step_launches=default if step_launches is None else step_launches,
         chunk_launches=default_chunk if chunk_launches is None else chunk_launches,
-        chunk_ksteps=kloop_steps(spec, cost.kloop_tiles),
-        arch=spec.arch, engine=key.partition("/")[2] or TARGET_ENGINES.get(target, ("",))[0],
+        chunk_ksteps=kloop_steps(spec, cost.kloop_tiles), chunk_waves=kloop_waves(spec, cost.kloop_tiles,
+                                                                                  cost.kloop_wave_tiles),
+        arch=spec.arch, channels=spec.d_inner, engine=key.partition("/")[2] or TARGET_ENGINES.get(target, ("",))[0],
         layer_format=layer_format, head_format=head_format, matrix_ops=matrix_ops(spec),
     )
 
@@ -204,7 +238,7 @@ def predict(work: Workload, profile: DeviceProfile, *, prompt_len: int = 512, ch
     overhead_s = work.step_launches * cost.launch_s.value + cost.call_s.value + state_s
 
     scan_s = work.n_layer * cost.figure("scan_step_s", work.arch).value + state_s  # per prefill token
-    kloop_s = work.chunk_ksteps * cost.kloop_step_s.value  # per chunk, whatever its length
+    wave = cost.kloop_tiles_per_core * (proc.cores or 0)  # output tiles a wave of the GPU's cores runs
     chunk_launch_s = cost.launch_s.value + cost.chunk_launch_extra_s.value
     layer_bytes = work.weight_bytes - work.head_bytes
     prefill_s = 0.0
@@ -214,9 +248,13 @@ def predict(work: Workload, profile: DeviceProfile, *, prompt_len: int = 512, ch
         for first in range(0, t, rows):
             r, last = min(rows, t - first), first + rows >= t  # the logits: the last piece's last row
             roof = max(layer_bytes / bandwidth + (work.head_bytes / head_bandwidth if last else 0.0),
-                       (r * token_ops + (work.head_ops if last else 0.0)) / ops, kloop_s)
+                       (r * token_ops + (work.head_ops if last else 0.0)) / ops,
+                       kloop_time(work, r, cost.kloop_step_s.value, wave))
             prefill_s += roof + work.chunk_launches * chunk_launch_s
-        prefill_s += cost.call_s.value + t * scan_s
+        prefill_s += cost.call_s.value + t * scan_s + work.n_layer * 2 * scan_piece_length(t, cost.scan_pieces) * (
+            work.channels * cost.figure("scan_piece_step_s", work.arch).value)
+        if cost.conv_token_groups:
+            prefill_s += work.n_layer * -(-t // cost.conv_token_groups) * cost.conv_group_step_s.value
     return Prediction(
         device=profile.name, target=work.target, precision=work.precision, engine=work.engine,
         decode_ms=1e3 * (max(memory_s, compute_s) + overhead_s),

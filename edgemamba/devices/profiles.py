@@ -161,7 +161,21 @@ class TargetCost:
     # (one wave of tiles walking K): layer weight name -> K depth of one tile step; and one step's time.
     kloop_tiles: dict[str, int] = field(default_factory=dict)
     kloop_step_s: Figure = Figure(0.0, "no latency-bound prefill products")
+    # Of those products, the ones whose output is cut in square tiles (name -> tile side, rows and columns)
+    # that the GPU runs kloop_tiles_per_core at a time on each of its cores (SMs): a chunk with more tiles
+    # walks K once per wave of them. Absent: one wave whatever the chunk.
+    kloop_wave_tiles: dict[str, int] = field(default_factory=dict)
+    kloop_tiles_per_core: int = 0
     chunk_launch_extra_s: Figure = Figure(0.0, "a prefill kernel costs what a step's does")  # per prefill kernel
+    # A prefill scan split in time into at most scan_pieces pieces of a multiple of 16 tokens, walked twice
+    # (tvm-cuda since git 0862449: scan_states, then scan_pieces; kernels/tvm_prefill.ScanChunkSpec): per
+    # chunk and layer 2 · piece length · d_inner · scan_piece_step_s. 0: no such scan (scan_step_s instead).
+    scan_pieces: int = 0
+    scan_piece_step_s: Figure = Figure(0.0, "no scan in time pieces")
+    # A prefill conv whose threads walk the chunk with a stride of conv_token_groups tokens (tvm-cuda's
+    # conv_out): per chunk and layer ceil(T / conv_token_groups) · conv_group_step_s. 0: none.
+    conv_token_groups: int = 0
+    conv_group_step_s: Figure = Figure(0.0, "no conv in token groups")
     notes: str = ""
     # A Figure that differs by the weights' storage format or the architecture, as "field.variant"
     # (e.g. "weight_read_efficiency.q8", "state_element_s.mamba2"); `figure` falls back to the field.
@@ -225,18 +239,37 @@ _TVM_CHUNK_FIXED = 3
 # deep; dt_proj: TVM's dlight CUDA-core schedule, 16 deep), each step a global-to-shared round trip and a
 # barrier; at chunk sizes one wave of tiles covers the output, so a product takes K/depth steps whatever t is.
 _TVM_CUDA_KLOOP = {"in_proj": 32, "out_proj": 32, "x_proj": 32, "dt_proj": 16}
+# The WMMA products' output tiles are 64 x 64 (kernels/tvm_prefill.py), 3 a core in one wave (3 x 132 SMs =
+# 396), waves counted as tiles / 396 (at least 1): fitted on mamba-130m's 2,048-token profile (RESULTS.md TVM
+# section "Prefill"): in_proj 1536 tiles in 80 µs = 4.4 x its 24 K steps, out_proj 384 tiles in 41 µs = 1.1 x
+# its 48. dt_proj (dlight, CUDA cores): one wave (its tiling not modelled).
+_TVM_CUDA_WAVE_TILES = {"in_proj": 64, "out_proj": 64, "x_proj": 64}
+_TVM_CUDA_TILES_PER_CORE = 3
 _TVM_PREFILL = ("measured on an H100 SXM: TVM's own prefill kernels on synthetic 2- and 8-layer Mamba-1 and Mamba-2 "
                 "models (d_inner 2048, a shape no validated model has; benchmarks/gpu_tvm_prefill.py)")
 _TVM_KSTEP = Figure(0.763e-6, f"{_TVM_PREFILL}: the matrix products' GPU time over their K-tile steps, 0.68-0.80 µs "
                               "by model")
 _TVM_CHUNK_EXTRA = Figure(6.5e-6, f"{_TVM_PREFILL}: a prefill's wall time beyond its kernels' GPU time, per kernel "
                                   "(the VM launches each one, no CUDA graph): 9.3 µs (Mamba-1), 3.6 µs (Mamba-2)")
-# The token-sequential part of a tvm-cuda prefill (the conv and the scan walk the chunk token by token), per
-# token and layer; `edgemamba devices --probe --tvm-library ART` measures it on the GPU at hand.
-_TVM_SCAN_STEP = Figure(1.027e-6, "measured on an H100 SXM: `devices --probe --tvm-library` (probe.measure_scan_step) "
-                                  "timing TVM's own prefill conv and scan alone, synthetic Mamba-1 layer (d_inner "
-                                  "2048, d_state 16): conv 63 + scan 964 ns a token; in a whole prefill 1037; "
-                                  "Mamba-2's (d_state 128) 1109 alone, 1133 in a prefill")
+# tvm-cuda's prefill has no token-sequential kernels since git 0862449 (issue 7): the conv runs across tokens
+# (a kernel in the chunk's count) and the scan in at most 32 time pieces, two passes (scan_states, scan_pieces)
+# of one piece length each. Its step is fitted, per channel (d_inner) and step of one pass, on one model only:
+# mamba-130m's 2,048-token prefill in one call (H100 SXM, torch profiler, RESULTS.md TVM section "Prefill":
+# scan_pieces 141 + scan_states 60 µs a layer over 2 passes x 64 steps x 1536 channels); not re-probed.
+_TVM_SCAN_PIECES = 32
+_TVM_SCAN_PIECE_STEP = Figure(1.022e-9, "fitted on one model: mamba-130m's H100 per-kernel profile of issue 7's "
+                                        "parallel prefill (RESULTS.md TVM section, git 0862449), 2,048 tokens in one "
+                                        "call: scan_states 60 + scan_pieces 141 µs a layer / (2 passes x 64 steps x "
+                                        "1536 channels); mamba2-130m (309 µs) and mamba-1.4b (499) held out")
+# The conv (conv_out: blocks of 32 channels x 32 token groups, kernels/tvm_prefill.CONV_TOKEN_GROUPS; 48-128
+# blocks at the validated shapes, fewer than the SMs) walks ceil(T / 32) tokens a thread, fitted on the same
+# profile: mamba-130m's conv 46 µs a layer over 64 steps (mamba2-130m 47, mamba-1.4b 55 held out).
+_TVM_CONV_GROUPS = 32
+_TVM_CONV_GROUP_STEP = Figure(0.72e-6, "fitted on one model: mamba-130m's H100 per-kernel profile of issue 7's parallel "
+                                       "prefill (RESULTS.md TVM section, git 0862449), 2,048 tokens in one call: "
+                                       "conv_out 46 µs a layer / 64 steps; mamba2-130m (47) and mamba-1.4b (55) held "
+                                       "out")
+_TVM_SCAN_STEP = Figure(0.0, "no token-sequential conv or scan since git 0862449 (scan_piece_step_s instead)")
 
 _TVM_GEMV = Figure(0.85, "measured: TVM's own matrix-vector kernels on an H100 (torch profiler, RESULTS.md TVM "
                          "section) stream 2.2 TB/s (mamba-1.4b in_proj) to 2.8 TB/s (lm_head) against a 2.95 TB/s "
@@ -340,6 +373,9 @@ TARGET_COSTS: dict[str, TargetCost] = {
         gemm_efficiency=est(0.7, "tuned TVM GEMM against cuBLAS"),
         runtime_bytes=est(400 * MiB, "CUDA context + compiled module"),
         kloop_tiles=_TVM_CUDA_KLOOP, kloop_step_s=_TVM_KSTEP, chunk_launch_extra_s=_TVM_CHUNK_EXTRA,
+        scan_pieces=_TVM_SCAN_PIECES, scan_piece_step_s=_TVM_SCAN_PIECE_STEP,
+        conv_token_groups=_TVM_CONV_GROUPS, conv_group_step_s=_TVM_CONV_GROUP_STEP,
+        kloop_wave_tiles=_TVM_CUDA_WAVE_TILES, kloop_tiles_per_core=_TVM_CUDA_TILES_PER_CORE,
     ),
     "tvm-llvm": TargetCost(
         processor="cpu", launches_per_layer=_TVM_KERNELS, launches_fixed=_TVM_FIXED,
