@@ -202,15 +202,29 @@ def _prefill_layer(L: _Layer, h, rows):
         r = s.dt_rank
         mx = MatmulSpec(r + 2 * n, e, L.wdtype, "float32", x_cols=NI)
         dbc = kb.call(mx, lambda: matmul_kernel(mx, gpu, kb.target), [proj, *L.mat("x_proj")], (rows, r + 2 * n))
-        if s.bcdt_rms_eps is not None:
-            (dbc,) = kb.call_inplace(("bcdt",), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0], [(rows, r + 2 * n)])
-        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
-        dt = kb.call(md, lambda: matmul_kernel(md, gpu, kb.target), [dbc, L.w("dt_proj.T")], (rows, e))
+        dbc, dt = _prefill_dt(L, dbc, rows)
         args = [proj, dbc, dt, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     else:
         args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     _, y = kb.call_inplace(k, lambda: scan_kernel(k, gpu), args, [len(args) - 1, -1],
                            [s.ssm_state_shape(1), (rows, e)], [None, k.y_dtype])  # y (rows, d_inner)
+    return _prefill_out(L, y, proj, h, rows)
+
+
+def _prefill_dt(L: _Layer, dbc, rows):
+    """Mamba-1 prefill: Falcon-Mamba's norm of dt, B and C (in place), then dt_proj: (dbc, dt (rows, d_inner))."""
+    kb, s, gpu = L.kb, L.s, L.kb.gpu
+    e, n, r = s.d_inner, s.d_state, s.dt_rank
+    if s.bcdt_rms_eps is not None:
+        (dbc,) = kb.call_inplace(("bcdt",), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0], [(rows, r + 2 * n)])
+    md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
+    return dbc, kb.call(md, lambda: matmul_kernel(md, gpu, kb.target), [dbc, L.w("dt_proj.T")], (rows, e))
+
+
+def _prefill_out(L: _Layer, y, proj, h, rows):
+    """A prefill layer's end: Mamba-2's gated norm of y (z from proj), out_proj with the residual h."""
+    kb, s, gpu, act = L.kb, L.s, L.kb.gpu, L.act
+    e, d, NI = s.d_inner, s.d_model, s.in_proj_dim
     if s.arch == "mamba2":
         gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate, z_cols=NI,
                          eps=s.norm_eps)
@@ -224,7 +238,7 @@ def _prefill_layer_parallel(L: _Layer, h, rows, proj):
     """The rest of a GPU prefill layer after in_proj: the conv out of place across tokens (xc), the scan
     in time pieces (`ScanChunkSpec`: states, then pieces), out_proj; proj keeps the raw in_proj output."""
     kb, s, gpu, act = L.kb, L.s, L.kb.gpu, L.act
-    e, d, n, NI, C = s.d_inner, s.d_model, s.d_state, s.in_proj_dim, s.conv_dim
+    e, n, NI, C = s.d_inner, s.d_state, s.in_proj_dim, s.conv_dim
     half = s.arch == "mamba1" and act == "float16"  # x_proj on tensor cores takes an fp16 copy of xc
     co = ConvOutSpec(ConvChunkSpec(NI, L.conv_lo, L.conv_lo + C, s.d_conv, s.use_conv_bias), half)
     args = [proj, L.w("conv_weight"), *L.opt("conv_bias"), L.conv_state]
@@ -246,10 +260,7 @@ def _prefill_layer_parallel(L: _Layer, h, rows, proj):
         mx = MatmulSpec(r + 2 * n, e, L.wdtype, act)
         dbc = kb.call(mx, lambda: matmul_kernel(mx, gpu, kb.target), [xc16[0] if half else xc, *L.mat("x_proj")],
                       (rows, r + 2 * n))
-        if s.bcdt_rms_eps is not None:
-            (dbc,) = kb.call_inplace(("bcdt",), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0], [(rows, r + 2 * n)])
-        md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
-        dt = kb.call(md, lambda: matmul_kernel(md, gpu, kb.target), [dbc, L.w("dt_proj.T")], (rows, e))
+        dbc, dt = _prefill_dt(L, dbc, rows)
         named = {"xc": xc, "proj": proj, "dbc": dbc, "dt": dt}
     else:
         named = {"xc": xc, "proj": proj}
@@ -260,13 +271,7 @@ def _prefill_layer_parallel(L: _Layer, h, rows, proj):
     args = [named[p] for p in k.pieces_params[:-1]]
     _, y = kb.call_inplace((k, "pieces"), part(1), args, [k.pieces_params.index("ssm_state"), -1],
                            [s.ssm_state_shape(1), (rows, e)], [None, k.y_dtype])  # y (rows, d_inner)
-    if s.arch == "mamba2":
-        gn = RowNormSpec(e, act, groups=s.n_groups, gated=True, norm_on_x=s.norm_before_gate, z_cols=NI,
-                         eps=s.norm_eps)
-        y = kb.call(gn, lambda: row_norm_kernel(gn, gpu), [y, proj, L.w("gate_norm")], (rows, e), act)
-    mo = MatmulSpec(d, e, L.wdtype, act, bias=s.use_bias, residual=True)
-    return kb.call(mo, lambda: matmul_kernel(mo, gpu, kb.target), [y, *L.mat("out_proj"), *L.opt("out_proj_bias"), h],
-                   (rows, d))
+    return _prefill_out(L, y, proj, h, rows)
 
 
 def relax_pipeline():
