@@ -395,9 +395,10 @@ def test_cuda_library_and_cubin_build_without_a_gpu(spec, arch, precision, tmp_p
                          ids=["mamba1-fp16-default", "mamba2-int8-early", "falcon-fp32-late"])
 def test_sm90_step_kernels_launch_early_but_read_only_weights_before_the_wait(spec, precision, pdl):
     """Programmatic dependent launch (sm_90+): a step kernel may start while the previous one still
-    writes its inputs, so before `griddepcontrol.wait` it may only prefetch; parameters other than
-    weights lose __restrict__ (nvcc would read them with non-coherent loads that ptxas moves above the
-    wait); the launch flag goes exactly with the wait; prefill kernels and sm_87 are untouched."""
+    writes its inputs, so before `griddepcontrol.wait` it may only prefetch, or load weights (preload);
+    parameters other than weights, and weights read before the wait, lose __restrict__ (nvcc would read
+    them with non-coherent loads that ptxas moves across the wait); the launch flag goes exactly with
+    the wait; prefill kernels and sm_87 are untouched."""
     import re
 
     from edgemamba.kernels.tvm_build import TARGETS, _coherent_pdl_loads, _cuda_postproc, _cuda_source
@@ -416,29 +417,39 @@ def test_sm90_step_kernels_launch_early_but_read_only_weights_before_the_wait(sp
 
     defs = list(re.finditer(r'^extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(([^)]*)\) \{$', source, re.M))
 
-    def pdl_kernel(name):  # the step kernels of the batches the mode covers (and the embedding)
+    def kernel_mode(name):  # the mode of a step kernel (the embedding: batch 1's), None: no PDL
         batch = re.search(r"_b(\d+)_", name)
-        return name.startswith("embed_") or (name.startswith(("gemv_", "ssm_step_")) and batch is not None
-                                             and mode.for_batch(int(batch.group(1))) is not None)
+        if name.startswith("embed_"):
+            return mode.for_batch(1)
+        return mode.for_batch(int(batch.group(1))) if name.startswith(("gemv_", "ssm_step_")) and batch else None
 
-    step = {m.group(1) for m in defs if pdl_kernel(m.group(1))}
-    assert len(step) >= 4 * (1 if mode.max_batch == 1 else 2) and len(defs) > len(step)
+    step = {m.group(1) for m in defs if kernel_mode(m.group(1)) is not None}
+    assert len(step) >= 4 * (1 if mode.for_batch(2) is None else 2) and len(defs) > len(step)
+    weights = {f"{p}_ptr" for p in PDL_CONSTANT_PARAMS}
+    preloading = 0
     for m, end in zip(defs, [d.start() for d in defs[1:]] + [len(source)]):
         name, params, body = m.group(1), m.group(2), source[m.end() : end]
         if name not in step:  # prefill kernels, and steps of larger batches where the mode leaves them: plain
             assert "griddepcontrol" not in body and "__restrict__" in params, name
             continue
-        restricted = re.findall(r"__restrict__ (\w+)_ptr", params)
-        assert restricted and set(restricted) <= PDL_CONSTANT_PARAMS, name
+        km = kernel_mode(name)
         assert body.count("griddepcontrol_wait();") == 1 and body.count("launch_dependents();") == 1, name
         names = re.findall(r"(\w+_ptr)\b", params)
         before, after = body.split("griddepcontrol_wait();")
+        read_before = set()
         for line in before.splitlines():
             touched = [p for p in names if re.search(rf"\b{p}\b", line)]
-            assert not touched or "prefetch" in line, f"{name}: {line.strip()}"
+            assert not touched or "prefetch" in line or set(touched) <= weights, f"{name}: {line.strip()}"
+            read_before |= set() if "prefetch" in line else set(touched)
+        restricted = {f"{p}_ptr" for p in re.findall(r"__restrict__ (\w+)_ptr", params)}
+        assert restricted <= weights - read_before, name
+        kind = "gemv" if name.startswith("gemv_") else "ssm" if name.startswith("ssm_step_") else ""
+        assert bool(read_before) == (km.preloads(kind) and kind != ""), name
+        preloading += bool(read_before)
         prefetched = any("prefetch" in line for line in before.splitlines())
-        assert prefetched == (mode.prefetch and name.startswith(("gemv_", "ssm_step_"))), name
-        assert ("launch_dependents" in before) == mode.early, name
+        assert prefetched == (km.prefetch and kind != ""), name
+        assert ("launch_dependents" in before) == km.early, name
+    assert (preloading > 0) == (pdl is None)  # the default preloads; "early" and "late" do not
 
     mod87 = build_module(spec, precision, True, TARGETS["tvm-cuda"].make("sm_87"), (1,))
     assert "griddepcontrol" not in mod87.script() and "programtic" not in mod87.script()

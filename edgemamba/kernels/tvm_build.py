@@ -130,22 +130,27 @@ _KERNEL = re.compile(r'^extern "C" __global__ void (?:__launch_bounds__\(\d+\) )
 
 def _coherent_pdl_loads(code: str) -> str:
     """Kernels launched with programmatic dependent launch (those that call griddepcontrol.wait)
-    without `__restrict__` on their parameters but the weights, so that nvcc reads what other
-    kernels write with coherent loads that stay after the wait (`tvm_common.with_pdl` says why)."""
+    without `__restrict__` on their parameters but the weights they read only after the wait, so that
+    nvcc reads what other kernels write with coherent loads that stay after the wait
+    (`tvm_common.with_pdl` says why), and the weights a kernel preloads with coherent loads that stay
+    before it (ptxas moves non-coherent loads across the wait either way)."""
     from edgemamba.kernels.tvm_common import PDL_CONSTANT_PARAMS
 
-    def strip(m):
-        return m.group(0) if m.group(1) in PDL_CONSTANT_PARAMS else m.group(1) + "_ptr"
-
     starts = [(m.start(), m.group(1)) for m in _KERNEL.finditer(code)]
-    pdl = set()
+    before = {}  # PDL kernel -> its source before the wait
     for (start, name), (end, _) in zip(starts, starts[1:] + [(len(code), "")]):
         if "griddepcontrol_wait();" in code[start:end]:
-            pdl.add(name)
+            before[name] = code[start:end].split("griddepcontrol_wait();")[0].split("{", 1)[1]
     lines = code.split("\n")
     for i, line in enumerate(lines):
         m = _KERNEL.match(line)
-        if m and m.group(1) in pdl:
+        if m and m.group(1) in before:
+            head = before[m.group(1)]
+
+            def strip(p):
+                keep = p.group(1) in PDL_CONSTANT_PARAMS and not re.search(rf"\b{p.group(1)}_ptr\b", head)
+                return p.group(0) if keep else p.group(1) + "_ptr"
+
             lines[i] = re.sub(r"__restrict__ (\w+)_ptr\b", strip, line)
     return "\n".join(lines)
 

@@ -108,10 +108,17 @@ class Pdl:
     trigger: str = "late"  # "early": the next kernel may launch once all this kernel's blocks run;
     # "late": once they have issued all their loads (GEMVs: after the main loop; others: at the end)
     prefetch: bool = True  # before the wait, the kernel's weights (and state) into L2
-    max_batch: int | None = None  # only the steps of at most this many sequences (None: all)
+    max_batch: int | None = None  # the steps of at most this many sequences (None: all) ...
+    beyond: "Pdl | None" = None  # ... and of more: this mode (None: no PDL)
+    preload: str = ""  # before the wait, weights into registers (loads that nothing in a step can make
+    # stale): "gemv" (a warp's first sweeps of W and its epilogue's weights), "ssm" (the state update's
+    # parameters), "all"; "": none
+
+    def preloads(self, kind: str) -> bool:
+        return self.preload in (kind, "all")
 
     def for_batch(self, batch: int) -> "Pdl | None":
-        return self if self.max_batch is None or batch <= self.max_batch else None
+        return self if self.max_batch is None or batch <= self.max_batch else self.beyond
 
     @property
     def early(self) -> bool:
@@ -123,12 +130,20 @@ class Pdl:
 
 
 PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", False), "early": Pdl("early"),
-             "early-noprefetch": Pdl("early", False), "late-noprefetch-b1": Pdl("late", False, max_batch=1)}
+             "early-noprefetch": Pdl("early", False), "late-noprefetch-b1": Pdl("late", False, max_batch=1),
+             "late-preload-b1": Pdl("late", False, max_batch=1, preload="all"),
+             "late-preload-gemv-b1": Pdl("late", False, max_batch=1, preload="gemv"),
+             "late-preload-ssm-b1": Pdl("late", False, max_batch=1, preload="ssm"),
+             "late-preload-ssm": Pdl("late", False, preload="ssm"),
+             "late-preload": Pdl("late", False, max_batch=1, preload="ssm", beyond=Pdl("late", False, preload="all"))}
 # Where the target has it (`supports_pdl`). Measured on an H100 (benchmarks/RESULTS.md, TVM section):
 # at batch 1, "late-noprefetch" was 9% and 7% faster than "off" on mamba-130m and mamba2-130m and
 # level on mamba-1.4b; at batch 8 every mode was slower than "off" on mamba-1.4b (+8% or more), and
-# the prefetching and early modes lost elsewhere (L2 traffic for kernels not yet running).
-DEFAULT_PDL = "late-noprefetch-b1"
+# the prefetching and early modes lost elsewhere (L2 traffic for kernels not yet running). Preloading
+# into registers instead (2026-11-23): the state update's parameters gained at batch 1 on all three
+# models (-2 to -7%), the GEMVs' first sweeps of W lost on the 130m shapes (+3 to +8%); at batch 8 PDL
+# with both preloads gained (-8 to -17%, where PDL alone had lost).
+DEFAULT_PDL = "late-preload"
 
 # Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__
 # in PDL kernels (see `with_pdl`); every other parameter loses it.

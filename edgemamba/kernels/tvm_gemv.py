@@ -204,7 +204,7 @@ def gpu_layout(s: GemvSpec) -> tuple[int, int, int]:
     warps by splitting K; at batch 4 and more every W element meets `batch` float32 x values, so
     the x loads, not W, fill the load units unless a warp reuses them over several rows."""
     B, N = s.batch, s.n
-    RW = 8 if B >= 4 else (4 if B >= 2 else (2 if N >= 8192 else 1))
+    RW = 8 if B >= 4 else (4 if B >= 2 else (2 if N >= 2048 else 1))
     while RW > 1 and N // RW < 128:
         RW //= 2
     nbytes = 16 if B <= 2 else 8
@@ -244,6 +244,9 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     use_pdl = pdl is not None
     early, late = use_pdl and pdl.early, use_pdl and pdl.late
     prefetch = use_pdl and pdl.prefetch and ROW_BYTES % 16 == 0
+    # PDL preload: a warp's first PRE sweeps of W (at most 128 bytes a lane) are loaded into
+    # registers before the wait, so the previous kernel's tail hides their memory round trip
+    PRE = min(KOW, 128 // (G * RW * VEC * np.dtype(s.wdtype).itemsize)) if use_pdl and pdl.preloads("gemv") else 0
     sh = _shapes(s)
     normed, gated = s.norm != "", s.norm == "gated"
 
@@ -257,11 +260,9 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
         return rsum([acc[r, b, g] * ss[b, g] if normed else acc[r, b, g] for g in range(G)])
 
     @T.macro
-    def fetch(pre, i, n, b, out, bias, w_scale, cw, cb, cs):
-        # the epilogue's operands of row n (clamped below N), sequence b, before the main loop:
-        # their round trip overlaps the weights'
-        if s.epilogue == "residual":
-            pre[i, OUT] = out[b, n]
+    def fetch_const(pre, i, n, bias, w_scale, cw, cb):
+        # the epilogue's weights of row n (clamped below N) before the main loop: their round trip
+        # overlaps the weights' (with PDL preload, before the wait)
         if s.bias:
             pre[i, BIAS] = bias[n]
         if s.quantized:
@@ -269,10 +270,17 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
         if s.epilogue == "conv":
             if s.conv_bias:
                 pre[i, CB] = cb[T.max(T.min(n - lo, C - 1), 0)]
-            for j in T.unroll(KC - 1):
-                pre[i, CS + j] = cs[b, T.max(T.min(n - lo, C - 1), 0), j]
             for j in T.unroll(KC):
                 pre[i, CW + j] = cw[T.max(T.min(n - lo, C - 1), 0), j]
+
+    @T.macro
+    def fetch_state(pre, i, n, b, out, cs):
+        # the epilogue's other operands of row n, sequence b (the residual, the conv state): after the wait
+        if s.epilogue == "residual":
+            pre[i, OUT] = out[b, n]
+        if s.epilogue == "conv":
+            for j in T.unroll(KC - 1):
+                pre[i, CS + j] = cs[b, T.max(T.min(n - lo, C - 1), 0), j]
 
     def biased(pre, i, yv):
         yv = yv * pre[i, WS] if s.quantized else yv
@@ -326,8 +334,10 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                     ss = T.alloc_buffer((B, G), "float32", scope="local")  # Σ x² per sequence and group
                     wv = T.alloc_buffer((RW, VEC), s.wdtype, scope="local")
                     u = T.alloc_buffer((B, VEC), "float32", scope="local")
+                    nwv = T.alloc_buffer((VEC,), "float32", scope="local")  # the norm weight of the sweep
                     val = T.alloc_buffer((V2,), "float32", scope="local")
                     pre = T.alloc_buffer((VL, CW + KC), "float32", scope="local")
+                    wp = T.alloc_buffer((G, max(PRE, 1), RW, VEC), s.wdtype, scope="local")  # preloaded sweeps
                     red = T.alloc_buffer((RG, KS, 32, VL), "float32", scope="shared")  # split K: partial sums
                     ssh = T.alloc_buffer((RG, KS, B, G), "float32", scope="shared")
                     if use_pdl:
@@ -338,10 +348,24 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                                 if ((bx * RG + ty // KS) * RW + r) < N:
                                     T.evaluate(T.ptx.cp.async_.bulk.prefetch.L2.global_(
                                         T.address_of(W[(bx * RG + ty // KS) * RW + r, 0]), T.uint32(ROW_BYTES)))
+                        if PRE > 0:  # weights only: nothing in a step writes them
+                            for g in T.unroll(G):
+                                for koi in T.unroll(PRE):
+                                    if in_group(koi, ty % KS, tx):
+                                        for r in T.unroll(RW):
+                                            for v in T.vectorized(VEC):
+                                                wp[g, koi, r, v] = W[T.min((bx * RG + ty // KS) * RW + r, N - 1),
+                                                                     g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
+                            for i in T.unroll(VL):
+                                fetch_const(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
+                                            bias, w_scale, conv_w, conv_b)
                         T.evaluate(T.ptx.griddepcontrol.wait())
                     for i in T.unroll(VL):
-                        fetch(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
-                              ((tx // REP) * VL + i) % B, out, bias, w_scale, conv_w, conv_b, conv_state)
+                        if PRE == 0:
+                            fetch_const(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
+                                        bias, w_scale, conv_w, conv_b)
+                        fetch_state(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
+                                    ((tx // REP) * VL + i) % B, out, conv_state)
                     for r in T.unroll(RW):
                         for b in T.unroll(B):
                             for g in T.unroll(G):
@@ -353,9 +377,18 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                         for koi in T.unroll(KOW):
                             if in_group(koi, ty % KS, tx):
                                 for r in T.unroll(RW):
-                                    for v in T.vectorized(VEC):  # rows past N re-read row N-1
-                                        wv[r, v] = W[T.min((bx * RG + ty // KS) * RW + r, N - 1),
-                                                     g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
+                                    if koi < PRE:
+                                        for v in T.vectorized(VEC):
+                                            wv[r, v] = wp[g, koi, r, v]
+                                    else:
+                                        for v in T.vectorized(VEC):  # rows past N re-read row N-1
+                                            wv[r, v] = W[T.min((bx * RG + ty // KS) * RW + r, N - 1),
+                                                         g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
+                                if normed:
+                                    for v0 in T.unroll(VEC // XV):
+                                        for v in T.vectorized(XV):
+                                            nwv[v0 * XV + v] = norm_w[g * GS + (koi * KS + ty % KS) * STRIDE
+                                                                      + tx * VEC + v0 * XV + v]
                                 for b in T.unroll(B):
                                     for v0 in T.unroll(VEC // XV):  # float32 vectors of at most 8 in CUDA
                                         for v in T.vectorized(XV):
@@ -372,8 +405,7 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                                         elif normed:
                                             ss[b, g] = ss[b, g] + u[b, v] * u[b, v]
                                         if normed:
-                                            u[b, v] = u[b, v] * norm_w[g * GS + (koi * KS + ty % KS) * STRIDE
-                                                                       + tx * VEC + v]
+                                            u[b, v] = u[b, v] * nwv[v]
                                     for r in T.unroll(RW):
                                         for v in T.unroll(VEC):
                                             acc[r, b, g] = acc[r, b, g] + u[b, v] * T.Cast("float32", wv[r, v])

@@ -12,7 +12,8 @@ kernel's RMSNorm of y·silu(z) is a plain one), except for models that normalise
 Both read `proj` as the in_proj GEMV leaves it, conv step and silu already applied to the conv
 channels (Mamba-1 x; Mamba-2 xBC).
 
-GPU: one thread per (sequence, channel, lane), each of `lanes` lanes holding d_state/lanes states;
+GPU: one thread per (sequence, channel, lane), each of `lanes` lanes holding d_state/lanes states
+(`state_index`);
 Mamba-1's dt dot product (dt_rank terms) is split across the lanes too; lanes combine dt and y with
 warp shuffles. CPU: channels in parallel, one lane holding all the states.
 """
@@ -115,6 +116,15 @@ def ssm_step_kernel(k: SsmStepSpec, gpu: bool, pdl: Pdl | None = None):
     return with_pdl(drop_unused_params(f, k.params, k.name()), pdl)
 
 
+def state_index(k: SsmStepSpec, gpu: bool, NL: int, SPL: int):
+    """The index of a lane's i-th state. Batch 1: lane l holds SPL consecutive states (vector loads of
+    B and C); larger GPU batches interleave them (lane l: l, l + NL, ...), so that each load and store of
+    a warp touches consecutive words: Mamba-2 at batch 8 -19% on an H100, at batch 1 +6%."""
+    if gpu and k.batch > 1:
+        return lambda lane, i: i * NL + lane
+    return lambda lane, i: lane * SPL + i
+
+
 def _rsqrt_mean_sq(buf, b, lo, n, eps):
     from tvm import tirx
 
@@ -126,6 +136,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     Bt, e, n, r = k.batch, s.d_inner, s.d_state, s.dt_rank
     NL = k.lanes(gpu)
     SPL = n // NL  # states per lane
+    st = state_index(k, gpu, NL, SPL)
     falcon = s.bcdt_rms_eps is not None
     eps = s.bcdt_rms_eps or 0.0
     NT = Bt * e * NL  # threads: (sequence, channel, lane)
@@ -136,6 +147,8 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     NW, PER = cpu_workers(NT)
     use_pdl = pdl is not None
     early, late, prefetch = use_pdl and pdl.early, use_pdl and pdl.late, use_pdl and pdl.prefetch
+    PL = use_pdl and pdl.preloads("ssm")  # the thread's parameters into registers (cst) before the wait
+    CA, CB, CD = RPL, RPL + SPL, RPL + SPL + 1  # cst: dt_w terms, then A, dt_bias, D
 
     def has_term(jj, lane):  # term jj·NL + lane exists
         return True if r % NL == 0 else jj * NL + lane < r
@@ -143,8 +156,22 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     def scale(dbc, b, lo, width):
         return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
 
+    def param(cst, j, buf, *index):  # a parameter, preloaded or read here
+        return cst[0, j] if PL else buf[index]
+
     @T.macro
-    def body(t, active, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, w):
+    def preload(t, dt_w, dt_bias, A, D, cst):
+        b, c, lane = t // NL // e, t // NL % e, t % NL
+        for jj in T.unroll(RPL):
+            if has_term(jj, lane):
+                cst[0, jj] = dt_w[jj * NL + lane, c]
+        for i in T.unroll(SPL):
+            cst[0, CA + i] = A[c, st(lane, i)]
+        cst[0, CB] = dt_bias[c]
+        cst[0, CD] = D[c]
+
+    @T.macro
+    def body(t, active, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, w, cst):
         # t = (b · e + c) · NL + lane; threads past the end (active false) compute on the last
         # index and store nothing, so that every lane takes part in the shuffles. dt, acc, h:
         # the scratch rows of worker w (a GPU thread's registers: w = 0)
@@ -152,21 +179,23 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         dt[w, 0] = T.float32(0)
         for jj in T.unroll(RPL):  # term jj·NL + lane; dt_proj stored (r, e): neighbouring channels read neighbouring words
             if has_term(jj, lane):
-                dt[w, 0] = dt[w, 0] + dbc[b, jj * NL + lane] * dt_w[jj * NL + lane, c]
+                dt[w, 0] = dt[w, 0] + dbc[b, jj * NL + lane] * param(cst, jj, dt_w, jj * NL + lane, c)
         allreduce(dt, w)  # every lane of the channel holds the whole dot product
-        dt[w, 0] = clip_dt_expr(softplus_expr(dt[w, 0] * scale(dbc, b, 0, r) + dt_bias[c], not gpu), s.dt_limit)
+        dt[w, 0] = clip_dt_expr(softplus_expr(dt[w, 0] * scale(dbc, b, 0, r) + param(cst, CB, dt_bias, c), not gpu),
+                                s.dt_limit)
         acc[w, 0] = T.float32(0)
         for i in state_loop(SPL):
-            h[w, i] = (exp_expr(dt[w, 0] * A[c, lane * SPL + i], not gpu) * ssm_state[b, c, lane * SPL + i]
-                       + dt[w, 0] * proj[b, c] * dbc[b, r + lane * SPL + i] * scale(dbc, b, r, n))
+            h[w, i] = (exp_expr(dt[w, 0] * param(cst, CA + i, A, c, st(lane, i)), not gpu)
+                       * ssm_state[b, c, st(lane, i)]
+                       + dt[w, 0] * proj[b, c] * dbc[b, r + st(lane, i)] * scale(dbc, b, r, n))
         for i in T.unroll(SPL):
-            acc[w, 0] = acc[w, 0] + h[w, i] * dbc[b, r + n + lane * SPL + i] * scale(dbc, b, r + n, n)
+            acc[w, 0] = acc[w, 0] + h[w, i] * dbc[b, r + n + st(lane, i)] * scale(dbc, b, r + n, n)
         reduce(acc, w)
         if active:
             for i in T.unroll(SPL):
-                ssm_state[b, c, lane * SPL + i] = h[w, i]
+                ssm_state[b, c, st(lane, i)] = h[w, i]
             if lane == 0:
-                y[b, c] = (acc[w, 0] + D[c] * proj[b, c]) * silu_expr(proj[b, e + c], not gpu)
+                y[b, c] = (acc[w, 0] + param(cst, CD, D, c) * proj[b, c]) * silu_expr(proj[b, e + c], not gpu)
 
     @T.macro
     def warm(t, dt_w, A, ssm_state):
@@ -188,17 +217,20 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    cst = T.alloc_buffer((1, CD + 1), "float32", scope="local")
                     if use_pdl:
                         if early:
                             T.evaluate(T.ptx.griddepcontrol.launch_dependents())
                         if prefetch:
                             warm(T.min(bx * THREADS + tx, NT - 1), dt_w, A, ssm_state)
+                        if PL:
+                            preload(T.min(bx * THREADS + tx, NT - 1), dt_w, dt_bias, A, D, cst)
                         T.evaluate(T.ptx.griddepcontrol.wait())
                     dt = T.alloc_buffer((1, 1), "float32", scope="local")
                     acc = T.alloc_buffer((1, 1), "float32", scope="local")
                     h = T.alloc_buffer((1, SPL), "float32", scope="local")
                     body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
-                         proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0)
+                         proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0, cst)
                     if late:
                         T.evaluate(T.ptx.griddepcontrol.launch_dependents())
         else:
@@ -208,7 +240,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
             for w in T.parallel(NW):
                 for i in range(PER):
                     if w * PER + i < NT:
-                        body(w * PER + i, True, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, w)
+                        body(w * PER + i, True, proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, w, dt)
 
     return ssm_step
 
@@ -220,6 +252,7 @@ def _mamba2(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     HPG = H // G  # heads per group
     NL = k.lanes(gpu)
     SPL = n // NL
+    st = state_index(k, gpu, NL, SPL)
     XO, BO, CO, DTO = e, 2 * e, 2 * e + G * n, e + s.conv_dim  # column offsets in proj
     NT = Bt * e * NL  # threads: (sequence, channel, lane)
     NB = (NT + THREADS - 1) // THREADS
@@ -228,28 +261,40 @@ def _mamba2(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     NW, PER = cpu_workers(NT)
     use_pdl = pdl is not None
     early, late, prefetch = use_pdl and pdl.early, use_pdl and pdl.late, use_pdl and pdl.prefetch
+    PL = use_pdl and pdl.preloads("ssm")  # the thread's head parameters into registers (cst) before the wait
+    CD, CB, CA = 0, 1, 2  # cst: D, dt_bias, A
+
+    def param(cst, j, buf, hd):  # a head's parameter, preloaded or read here
+        return cst[0, j] if PL else buf[hd]
 
     @T.macro
-    def body(t, active, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w):
+    def preload(t, dt_bias, A, D, cst):
+        hd = t // NL % e // P
+        cst[0, CD] = D[hd]
+        cst[0, CB] = dt_bias[hd]
+        cst[0, CA] = A[hd]
+
+    @T.macro
+    def body(t, active, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w, cst):
         # t = (b · e + c) · NL + lane, channel c = head · P + p; the head's group g reads B and C
         b, c, lane = t // NL // e, t // NL % e, t % NL
         hd, g = c // P, c // P // HPG
-        dt[w, 0] = clip_dt_expr(softplus_expr(proj[b, DTO + hd] + dt_bias[hd], not gpu), s.dt_limit)
+        dt[w, 0] = clip_dt_expr(softplus_expr(proj[b, DTO + hd] + param(cst, CB, dt_bias, hd), not gpu), s.dt_limit)
         acc[w, 0] = T.float32(0)
         for i in state_loop(SPL):
-            h[w, i] = (exp_expr(dt[w, 0] * A[hd], not gpu) * ssm_state[b, hd, c % P, lane * SPL + i]
-                       + dt[w, 0] * proj[b, XO + c] * proj[b, BO + g * n + lane * SPL + i])
+            h[w, i] = (exp_expr(dt[w, 0] * param(cst, CA, A, hd), not gpu) * ssm_state[b, hd, c % P, st(lane, i)]
+                       + dt[w, 0] * proj[b, XO + c] * proj[b, BO + g * n + st(lane, i)])
         for i in T.unroll(SPL):
-            acc[w, 0] = acc[w, 0] + h[w, i] * proj[b, CO + g * n + lane * SPL + i]
+            acc[w, 0] = acc[w, 0] + h[w, i] * proj[b, CO + g * n + st(lane, i)]
         reduce(acc, w)
         if active:
             for i in T.unroll(SPL):
-                ssm_state[b, hd, c % P, lane * SPL + i] = h[w, i]
+                ssm_state[b, hd, c % P, st(lane, i)] = h[w, i]
             if lane == 0:
                 if k.gated:
-                    y[b, c] = (acc[w, 0] + D[hd] * proj[b, XO + c]) * silu_expr(proj[b, c], not gpu)
+                    y[b, c] = (acc[w, 0] + param(cst, CD, D, hd) * proj[b, XO + c]) * silu_expr(proj[b, c], not gpu)
                 else:
-                    y[b, c] = acc[w, 0] + D[hd] * proj[b, XO + c]
+                    y[b, c] = acc[w, 0] + param(cst, CD, D, hd) * proj[b, XO + c]
 
     @T.macro
     def warm(t, ssm_state):  # PDL, before the wait: the thread's states into L2 (see _mamba1)
@@ -264,17 +309,20 @@ def _mamba2(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         if gpu:
             for bx in T.thread_binding(NB, thread="blockIdx.x"):
                 for tx in T.thread_binding(THREADS, thread="threadIdx.x"):
+                    cst = T.alloc_buffer((1, 3), "float32", scope="local")
                     if use_pdl:
                         if early:
                             T.evaluate(T.ptx.griddepcontrol.launch_dependents())
                         if prefetch:
                             warm(T.min(bx * THREADS + tx, NT - 1), ssm_state)
+                        if PL:
+                            preload(T.min(bx * THREADS + tx, NT - 1), dt_bias, A, D, cst)
                         T.evaluate(T.ptx.griddepcontrol.wait())
                     dt = T.alloc_buffer((1, 1), "float32", scope="local")
                     acc = T.alloc_buffer((1, 1), "float32", scope="local")
                     h = T.alloc_buffer((1, SPL), "float32", scope="local")
                     body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
-                         proj, dt_bias, A, D, ssm_state, y, dt, acc, h, 0)
+                         proj, dt_bias, A, D, ssm_state, y, dt, acc, h, 0, cst)
                     if late:
                         T.evaluate(T.ptx.griddepcontrol.launch_dependents())
         else:
@@ -284,6 +332,6 @@ def _mamba2(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
             for w in T.parallel(NW):
                 for i in range(PER):
                     if w * PER + i < NT:
-                        body(w * PER + i, True, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w)
+                        body(w * PER + i, True, proj, dt_bias, A, D, ssm_state, y, dt, acc, h, w, dt)
 
     return ssm_step
