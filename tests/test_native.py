@@ -18,6 +18,7 @@ and the same driver built for x86 (AVX2 and generic), on cases written from the 
 """
 
 import dataclasses
+import platform
 import os
 import re
 import shutil
@@ -369,6 +370,33 @@ def test_native_matches_reference_on_effective_weights(kind, precision, isa, bui
 
 
 @needs_native
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_float_projections_read_as_rows_or_as_stored_match_the_reference(kind, precision, layout, built, monkeypatch):
+    """x86: the engine transposes float projections to (N, K) rows in its copy of the weights (the
+    decode step's dot products, prefill panels packed by 16x16 transposes); EDGEMAMBA_NATIVE_LAYOUT=kn
+    and a mapped weights.bin keep them (K, N) as stored. Both layouts, both ISAs' kernels, on the
+    reference; and no RSS: the copy is transposed in place, block by block from the file."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the (N, K) layout is for x86 (aarch64 keeps the stored one)")
+    b = built(kind, precision)
+    monkeypatch.setenv("EDGEMAMBA_NATIVE_LAYOUT", layout)
+    for isa in ISAS if _has_avx512() else ["avx2"]:
+        monkeypatch.setenv("EDGEMAMBA_NATIVE_ISA", isa)
+        session = Session(b.art, engine="native", threads=2)
+        assert session.backend.isa.startswith(isa)
+        layers = session.backend._desc[4]
+        fmts = {(w.k, w.n): w.fmt for L in layers for w in (L.in_proj, L.x_proj, L.dt_proj, L.out_proj) if w.fmt}
+        rows = {EM_F32_NK, EM_F16_NK} if layout == "nk" else {EM_F32_KN, EM_F16_KN}
+        assert all((f in rows) == (layout == "kn" or min(k, n) >= 64) for (k, n), f in fmts.items()), fmts
+        big = any(min(k, n) >= 64 for k, n in fmts)  # not so in the 48-wide model
+        assert any(f in {EM_F32_NK, EM_F16_NK} for f in fmts.values()) == (layout == "nk" and big)
+        ops = single_ops(seed=5)
+        check_run(b, precision, 1, ops, session_run(session, ops), f"{kind} {precision} {layout} {isa}")
+
+
+@needs_native
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_native_matches_onnx_runtime(kind, precision, built):
@@ -590,9 +618,11 @@ def test_driver_matches_reference(target, kind, precision, built, driver, tmp_pa
 
 @needs_native
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_x86_driver_matches_the_ctypes_engine(precision, built, driver, tmp_path):
+def test_x86_driver_matches_the_ctypes_engine(precision, built, driver, tmp_path, monkeypatch):
     # The driver's own reading of the case (config, formats, pointers) against native.py's reading of
-    # the artifact: the same build flags and thread count, so the same arithmetic.
+    # the artifact: the same build flags and thread count, so the same arithmetic. The driver reads the
+    # projections as stored, (K, N): native.py too, here.
+    monkeypatch.setenv("EDGEMAMBA_NATIVE_LAYOUT", "kn")
     exe = driver("x86-avx2")
     b = built("mamba2-g2-tied", precision)
     ops = [op for op in driver_ops() if op[0] == PREFILL or op[1] == 6]  # a Session steps every sequence

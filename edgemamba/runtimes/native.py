@@ -118,8 +118,7 @@ def load_weights(path: Path) -> np.ndarray:
             got = f.readinto(memoryview(out))
         if got != size:
             raise ValueError(f"read {got} of {size} bytes")
-        out.flags.writeable = False
-        return out
+        return out  # writeable: WeightIndex may transpose projections in place, then the backend locks it
     except (OSError, ValueError) as e:
         raise EdgeMambaError(f"{path}: cannot load the weights ({e})") from None
 
@@ -205,6 +204,33 @@ class WeightIndex:
                 raise bad(f"tensor {name!r} does not fit {WEIGHTS_FILE}")
             self.inits[name] = (offset, dtype, shape)
         self.weights = weights
+        self.path = artifact.path / WEIGHTS_FILE
+        # Float projections are stored (K, N) for ONNX's MatMul. On x86 the engine reads large ones
+        # as (N, K) rows, one dot product a row: the decode step streams them 7-11% faster in fp16
+        # (mamba-130m / mamba2-130m, 2 threads, A/B), and prefill packs its panels from them with
+        # 16x16 register transposes. They are transposed where the engine owns its copy of the weights
+        # (not a file mapping), block by block from the file, so the peak RSS does not grow.
+        self.rows_nk = (weights.flags.writeable and platform.machine().lower() in ("x86_64", "amd64")
+                        and os.environ.get("EDGEMAMBA_NATIVE_LAYOUT", "nk") == "nk")
+
+    def transposed(self, arr: np.ndarray) -> np.ndarray:
+        """The (k, n) matrix arr, stored as (n, k) in its own place, read again from the file."""
+        k, n = arr.shape
+        offset = arr.ctypes.data - self.weights.ctypes.data
+        out = np.ndarray((n, k), arr.dtype, buffer=self.weights, offset=offset)
+        rows = max(1, (1 << 18) // (n * arr.itemsize))  # 256 KiB blocks: the peak RSS hardly moves
+        block = np.empty((rows, n), arr.dtype)
+        try:
+            with open(self.path, "rb") as f:
+                for k0 in range(0, k, rows):
+                    r = min(rows, k - k0)
+                    f.seek(offset + k0 * n * arr.itemsize)
+                    if f.readinto(memoryview(block[:r]).cast("B")) != r * n * arr.itemsize:
+                        raise ValueError("short read")
+                    out[:, k0 : k0 + r] = block[:r].T
+        except (OSError, ValueError) as e:
+            raise EdgeMambaError(f"{self.path}: cannot load the weights ({e})") from None
+        return out
 
     def array(self, name: str) -> np.ndarray:
         if name not in self.inits:
@@ -237,6 +263,8 @@ class WeightIndex:
         if arr.shape != ((n, k) if table else (k, n)):
             raise NativeUnavailable(f"{tensor}: shape {arr.shape}, expected {(n, k) if table else (k, n)}")
         half = arr.dtype == np.float16
+        if not table and self.rows_nk and min(k, n) >= 64:  # dt_proj (K = dt_rank) stays (K, N)
+            return Weight(self.transposed(arr).ctypes.data, None, F16_NK if half else F32_NK, k, n, 0, 0)
         fmt = (F16_NK if half else F32_NK) if table else (F16_KN if half else F32_KN)
         return Weight(arr.ctypes.data, None, fmt, k, n, 0, 0)
 
@@ -282,6 +310,7 @@ class NativeBackend:
         self._weights = load_weights(artifact.path / WEIGHTS_FILE)
         idx = WeightIndex(artifact, self._weights)
         self._desc = self._describe(idx)  # keeps the ctypes structures alive with the model
+        self._weights.flags.writeable = False
         cfg, emb, head, norm_f, layers = self._desc
         err = ctypes.create_string_buffer(512)
         from edgemamba.runtimes import physical_cores
