@@ -139,10 +139,11 @@ class SyntheticModel:
 
     def _matrix(self, k: int, n: int, fmt: str, table: bool = False):
         """A (k in, n out) linear layer as the engine reads it; `table`: stored (n, k) (embedding, head)."""
-        from edgemamba.runtimes.native import F16_KN, F16_NK, F32_KN, F32_NK, Q4_NK, Q8_NK, Weight
+        from edgemamba.runtimes.native import F16_KN, F16_NK, F32_KN, F32_NK, Q4_NK, Q8_NK, Weight, projection_rows
 
         if fmt in ("f32", "f16"):
             dtype = np.float32 if fmt == "f32" else np.float16
+            table = table or projection_rows(k, n)  # stored as the engine would hold an artifact's
             arr = self._fill((n, k) if table else (k, n), dtype, 0.02)
             code = {("f32", True): F32_NK, ("f16", True): F16_NK, ("f32", False): F32_KN, ("f16", False): F16_KN}
             return Weight(self._array(arr), None, code[fmt, table], k, n, 0, 0)
