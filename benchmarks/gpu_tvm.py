@@ -71,6 +71,16 @@ PEER_ARGS = {"mamba-130m": ("130m", "mamba1"), "mamba-1.4b": ("1.4b", "mamba1"),
 BATCHES = (1, 8)
 
 
+def prefill_ms(be, prompt, torch) -> float:
+    """Wall time of one prefill of sequence 0 from a reset state, in ms (GPU synchronized around it)."""
+    be.reset(slice(0, 1))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    be.prefill(prompt, 0)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
+
+
 # ---------------------------------------------------------------------------------------------
 # build (here, with the TVM compiler)
 # ---------------------------------------------------------------------------------------------
@@ -240,15 +250,7 @@ def _run_model(name: str, art_dir: Path, n_tokens: int, logits_dir: Path | None 
     prompt = np.random.default_rng(2).integers(0, spec.vocab_size, 2048)
     be.reset(slice(0, 1))
     be.prefill(prompt[:64], 0)  # warm-up (allocations, module load)
-    times = []
-    for _ in range(3):
-        be.reset(slice(0, 1))
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        be.prefill(prompt, 0)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    res["prefill_2048_ms"] = float(np.median(times) * 1e3)
+    res["prefill_2048_ms"] = float(np.median([prefill_ms(be, prompt, torch) for _ in range(3)]))
     res["stepping_2048_ms"] = res["decode_ms_b1"] * 2048
     res["prefill_speedup"] = res["stepping_2048_ms"] / res["prefill_2048_ms"]
     print(f"  prefill 2048: {res['prefill_2048_ms']:.1f} ms; stepping: {res['stepping_2048_ms']:.1f} ms "

@@ -327,7 +327,7 @@ def ab(outs: list[Path], models: list[str], n_prompt: int = 2048) -> None:
     os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(outs[0] / "runtime"))
     import torch
     from gpu_tvm import MODELS as GPU_MODELS
-    from gpu_tvm import random_weights
+    from gpu_tvm import prefill_ms, random_weights
 
     from edgemamba.artifact import load_artifact
     from edgemamba.checkpoint import Checkpoint
@@ -362,13 +362,7 @@ def ab(outs: list[Path], models: list[str], n_prompt: int = 2048) -> None:
             builds.append((row, be))
         for order in (builds, builds[::-1]):
             for row, be in order:
-                for _ in range(6):
-                    be.reset(slice(0, 1))
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    be.prefill(prompt, 0)
-                    torch.cuda.synchronize()
-                    row["wall_ms"].append((time.perf_counter() - t) * 1e3)
+                row["wall_ms"] += [prefill_ms(be, prompt, torch) for _ in range(6)]
                 row["wall_ms"].pop(-6)  # each round's first: warm-up
         for row, be in builds:
             be.reset(slice(0, 1))
