@@ -146,7 +146,8 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
 DEFAULT_PDL = "late-preload"
 
 # Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__
-# in PDL kernels (see `with_pdl`); every other parameter loses it.
+# in PDL kernels (see `with_pdl`) unless the kernel reads them before its wait (preload); every other
+# parameter loses it (`tvm_build._coherent_pdl_loads`).
 PDL_CONSTANT_PARAMS = frozenset({"W", "w_scale", "norm_w", "bias", "conv_w", "conv_b", "dt_w", "dt_bias", "A", "D",
                                  "E", "E_scale"})
 

@@ -250,6 +250,12 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     sh = _shapes(s)
     normed, gated = s.norm != "", s.norm == "gated"
 
+    def w_at(W, bx, ty, tx, g, koi, r, v):  # element v of the lane's W load in sweep koi (rows past N re-read N-1)
+        return W[T.min((bx * RG + ty // KS) * RW + r, N - 1), g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
+
+    def epi_row(bx, ty, tx, i):  # the row of the lane's i-th epilogue (clamped below N)
+        return T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1)
+
     def in_group(koi, ks, tx):  # the lane's columns of sweep koi·KS + ks lie in the group
         return True if FULL else (koi * KS + ks) * STRIDE + tx * VEC < GS
 
@@ -354,18 +360,14 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                                     if in_group(koi, ty % KS, tx):
                                         for r in T.unroll(RW):
                                             for v in T.vectorized(VEC):
-                                                wp[g, koi, r, v] = W[T.min((bx * RG + ty // KS) * RW + r, N - 1),
-                                                                     g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
+                                                wp[g, koi, r, v] = w_at(W, bx, ty, tx, g, koi, r, v)
                             for i in T.unroll(VL):
-                                fetch_const(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
-                                            bias, w_scale, conv_w, conv_b)
+                                fetch_const(pre, i, epi_row(bx, ty, tx, i), bias, w_scale, conv_w, conv_b)
                         T.evaluate(T.ptx.griddepcontrol.wait())
                     for i in T.unroll(VL):
                         if PRE == 0:
-                            fetch_const(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
-                                        bias, w_scale, conv_w, conv_b)
-                        fetch_state(pre, i, T.min((bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B, N - 1),
-                                    ((tx // REP) * VL + i) % B, out, conv_state)
+                            fetch_const(pre, i, epi_row(bx, ty, tx, i), bias, w_scale, conv_w, conv_b)
+                        fetch_state(pre, i, epi_row(bx, ty, tx, i), ((tx // REP) * VL + i) % B, out, conv_state)
                     for r in T.unroll(RW):
                         for b in T.unroll(B):
                             for g in T.unroll(G):
@@ -381,9 +383,8 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                                         for v in T.vectorized(VEC):
                                             wv[r, v] = wp[g, koi, r, v]
                                     else:
-                                        for v in T.vectorized(VEC):  # rows past N re-read row N-1
-                                            wv[r, v] = W[T.min((bx * RG + ty // KS) * RW + r, N - 1),
-                                                         g * GS + (koi * KS + ty % KS) * STRIDE + tx * VEC + v]
+                                        for v in T.vectorized(VEC):
+                                            wv[r, v] = w_at(W, bx, ty, tx, g, koi, r, v)
                                 if normed:
                                     for v0 in T.unroll(VEC // XV):
                                         for v in T.vectorized(XV):
