@@ -212,12 +212,6 @@ class WeightIndex:
             self.inits[name] = (offset, dtype, shape)
         self.weights = weights
         self.path = artifact.path / WEIGHTS_FILE
-        # Float projections are stored (K, N) for ONNX's MatMul. On x86 the engine reads them as (N, K)
-        # rows (`projection_rows`), one dot product a row: the decode step streams them 11-18% faster
-        # (mamba-130m / mamba2-130m fp32 and fp16, 2 threads, A/B), and prefill packs its panels from
-        # them with 16x16 register transposes (2-3% slower). They are transposed where the engine owns
-        # its copy of the weights (not a file mapping), block by block from the file: same peak RSS.
-        self.rows_nk = weights.flags.writeable
 
     def transposed(self, arr: np.ndarray) -> np.ndarray:
         """The (k, n) matrix arr, stored as (n, k) in its own place, read again from the file."""
@@ -269,7 +263,13 @@ class WeightIndex:
         if arr.shape != ((n, k) if table else (k, n)):
             raise NativeUnavailable(f"{tensor}: shape {arr.shape}, expected {(n, k) if table else (k, n)}")
         half = arr.dtype == np.float16
-        if not table and self.rows_nk and projection_rows(k, n):
+        # Float projections are stored (K, N) for ONNX's MatMul. On x86 the engine reads them as (N, K)
+        # rows (`projection_rows`), one dot product a row: the decode step streams them 11-18% faster
+        # (mamba-130m / mamba2-130m fp32 and fp16, 2 threads, A/B), and prefill packs its panels from
+        # them with 16x16 register transposes (2-3% slower). They are transposed where the engine owns
+        # its copy of the weights (writeable until the backend locks it; not a file mapping), block by
+        # block from the file: same peak RSS.
+        if not table and self.weights.flags.writeable and projection_rows(k, n):
             return Weight(self.transposed(arr).ctypes.data, None, F16_NK if half else F32_NK, k, n, 0, 0)
         fmt = (F16_NK if half else F32_NK) if table else (F16_KN if half else F32_KN)
         return Weight(arr.ctypes.data, None, fmt, k, n, 0, 0)
