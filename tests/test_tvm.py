@@ -417,11 +417,21 @@ def test_sm90_step_kernels_launch_early_but_read_only_weights_before_the_wait(sp
 
     defs = list(re.finditer(r'^extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\(([^)]*)\) \{$', source, re.M))
 
+    def layer_kind(name):  # which kernel of a layer (by the fusions in its name); "": lm_head
+        for kind, mark in (("in_proj", "_conv_"), ("x_proj", "_store_x0of"), ("out_proj", "_residual"),
+                           ("ssm", "ssm_step_")):
+            if mark in name:
+                return kind
+        return ""
+
     def kernel_mode(name):  # the mode of a step kernel (the embedding: batch 1's), None: no PDL
         batch = re.search(r"_b(\d+)_", name)
         if name.startswith("embed_"):
             return mode.for_batch(1)
-        return mode.for_batch(int(batch.group(1))) if name.startswith(("gemv_", "ssm_step_")) and batch else None
+        if not (name.startswith(("gemv_", "ssm_step_")) and batch):
+            return None
+        m = mode.for_batch(int(batch.group(1)))
+        return None if m is None else m.kernel(layer_kind(name))
 
     step = {m.group(1) for m in defs if kernel_mode(m.group(1)) is not None}
     assert len(step) >= 4 * (1 if mode.for_batch(2) is None else 2) and len(defs) > len(step)

@@ -1,7 +1,7 @@
 """Helpers shared by the TVM TIR kernels (`tvm_gemv`, `tvm_ssm`, `tvm_prefill`)."""
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -113,9 +113,20 @@ class Pdl:
     preload: str = ""  # before the wait, weights into registers (loads that nothing in a step can make
     # stale): "gemv" (a warp's first sweeps of W and its epilogue's weights), "ssm" (the state update's
     # parameters), "all"; "": none
+    # Per kernel of a layer ("in_proj", "x_proj", "ssm", "out_proj"): those that trigger early whatever
+    # `trigger` says, and those that prefetch whatever `prefetch` says. x_proj and the state update
+    # leave the memory idle; triggering early, they let out_proj launch while they run and bring its
+    # weights into L2 meanwhile.
+    early_kinds: tuple = ()
+    prefetch_kinds: tuple = ()
 
     def preloads(self, kind: str) -> bool:
         return self.preload in (kind, "all")
+
+    def kernel(self, kind: str) -> "Pdl":
+        """This mode for one kernel of a layer."""
+        return replace(self, trigger="early" if kind in self.early_kinds else self.trigger,
+                       prefetch=self.prefetch or kind in self.prefetch_kinds)
 
     def for_batch(self, batch: int) -> "Pdl | None":
         return self if self.max_batch is None or batch <= self.max_batch else self.beyond
@@ -135,15 +146,21 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
              "late-preload-gemv-b1": Pdl("late", False, max_batch=1, preload="gemv"),
              "late-preload-ssm-b1": Pdl("late", False, max_batch=1, preload="ssm"),
              "late-preload-ssm": Pdl("late", False, preload="ssm"),
-             "late-preload": Pdl("late", False, max_batch=1, preload="ssm", beyond=Pdl("late", False, preload="all"))}
+             "late-preload": Pdl("late", False, max_batch=1, preload="ssm", beyond=Pdl("late", False, preload="all")),
+             "overlap": Pdl("late", False, max_batch=1, preload="ssm", early_kinds=("x_proj", "ssm"),
+                            prefetch_kinds=("out_proj",), beyond=Pdl("late", False, preload="all"))}
 # Where the target has it (`supports_pdl`). Measured on an H100 (benchmarks/RESULTS.md, TVM section):
 # at batch 1, "late-noprefetch" was 9% and 7% faster than "off" on mamba-130m and mamba2-130m and
 # level on mamba-1.4b; at batch 8 every mode was slower than "off" on mamba-1.4b (+8% or more), and
 # the prefetching and early modes lost elsewhere (L2 traffic for kernels not yet running). Preloading
 # into registers instead (2026-11-23): the state update's parameters gained at batch 1 on all three
 # models (-2 to -7%), the GEMVs' first sweeps of W lost on the 130m shapes (+3 to +8%); at batch 8 PDL
-# with both preloads gained (-8 to -17%, where PDL alone had lost).
-DEFAULT_PDL = "late-preload"
+# with both preloads gained (-8 to -17%, where PDL alone had lost). "overlap" over "late-preload" at
+# batch 1: -0.6% (mamba-1.4b), -1% to -8% (mamba-130m, whose late-preload step is bimodal), -6.5%
+# (mamba2-130m); the same at batch 8: -6%, +1.3%, -0.6% (not taken). Also measured: out_proj
+# triggering early too, with in_proj prefetching (+4% on mamba-1.4b: 33 MB into the 50 MB L2), and
+# in_proj triggering early (+11% on mamba-1.4b).
+DEFAULT_PDL = "overlap"
 
 # Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__
 # in PDL kernels (see `with_pdl`) unless the kernel reads them before its wait (preload); every other

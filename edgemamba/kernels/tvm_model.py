@@ -143,6 +143,10 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
         kb.bb.emit_func_output(out)
 
 
+def _kind(pdl: Pdl | None, kind: str) -> Pdl | None:
+    return None if pdl is None else pdl.kernel(kind)
+
+
 def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
     """One token of `batch` sequences through a layer: 4 kernels (Mamba-1) or 3 (Mamba-2); the
     residual h (batch, d_model) is updated in place. pdl: how they use programmatic dependent launch."""
@@ -153,17 +157,17 @@ def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
                  epilogue="conv", conv_lo=L.conv_lo, conv_hi=L.conv_lo + C, d_conv=s.d_conv, conv_bias=s.use_conv_bias)
     args = [h, L.w("norm"), *L.mat("in_proj"), *L.opt("in_proj_bias"), L.w("conv_weight"), *L.opt("conv_bias"),
             L.conv_state]
-    _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, pdl), args, [len(args) - 1, -1],
+    _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, _kind(pdl, "in_proj")), args, [len(args) - 1, -1],
                               [s.conv_state_shape(batch), (batch, NI)])  # proj (batch, in_proj_dim)
     # the state update (ssm_state in place); Mamba-1 first needs x_proj's Δ_in, B, C
     k = SsmStepSpec(s, batch)
     if s.arch == "mamba1":
         gx = GemvSpec(n=s.dt_rank + 2 * s.d_state, k=e, batch=batch, wdtype=L.wdtype, x_cols=NI)
-        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu, pdl), [proj, *L.mat("x_proj")], (batch, gx.n))
+        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu, _kind(pdl, "x_proj")), [proj, *L.mat("x_proj")], (batch, gx.n))
         args = [proj, dbc, L.w("dt_proj.T"), L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     else:
         args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
-    _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu, pdl), args, [len(args) - 1, -1],
+    _, y = kb.call_inplace(k, lambda: ssm_step_kernel(k, gpu, _kind(pdl, "ssm")), args, [len(args) - 1, -1],
                            [s.ssm_state_shape(batch), (batch, e)])  # y (batch, d_inner)
     # out_proj (Mamba-2: after the RMSNorm of y, gated by the state update, or the gated RMSNorm
     # when the model normalises before the gate), added to the residual in place
@@ -178,7 +182,7 @@ def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
         go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="gated", groups=s.n_groups,
                       norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias, epilogue="residual")
         args = [y, proj, L.w("gate_norm"), *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
-    (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu, pdl), args, [len(args) - 1], [(batch, d)])
+    (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu, _kind(pdl, "out_proj")), args, [len(args) - 1], [(batch, d)])
     return h
 
 
