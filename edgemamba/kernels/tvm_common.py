@@ -159,7 +159,8 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
 # batch 1: -0.6% (mamba-1.4b), -1% to -8% (mamba-130m, whose late-preload step is bimodal), -6.5%
 # (mamba2-130m); the same at batch 8: -6%, +1.3%, -0.6% (not taken). Also measured: out_proj
 # triggering early too, with in_proj prefetching (+4% on mamba-1.4b: 33 MB into the 50 MB L2), and
-# in_proj triggering early (+11% on mamba-1.4b).
+# in_proj triggering early (+11% on mamba-1.4b), and in_proj (and x_proj) preloading their first
+# sweeps of W (+2.6% to +4%).
 DEFAULT_PDL = "overlap"
 
 # Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__
