@@ -361,13 +361,30 @@ def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def memory_read_gbps(threads: int) -> float | None:
+    """This machine's memory read speed now (GB/s, median of benchmarks/stream_read.cc's 15 reads),
+    the ceiling of a memory-bound decode step; None where it cannot be built (it needs AVX-512)."""
+    exe = CACHE / "stream_read"
+    src = REPO / "benchmarks" / "stream_read.cc"
+    if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+        p = run_process(["g++", "-O2", "-mavx512f", "-pthread", src, "-o", exe])
+        if p.returncode:
+            return None
+    p = run_process([exe, threads])
+    m = re.search(r"([\d.]+) GB/s median", p.stdout)
+    return float(m.group(1)) if p.returncode == 0 and m else None
+
+
 def measure(llama: LlamaCpp, gguf: Path, art: Path | None, threads: int, rounds: int, args) -> dict:
     """Rounds of (llama.cpp, edgemamba), each peer's figures pooled over the rounds."""
     raw = {"llama": [], "edgemamba": []}
     rounds = rounds if art is not None else 1  # llama.cpp alone: no noise to share
+    mem = []  # memory read GB/s before each round
     for r in range(rounds):
         busy = wait_for_quiet(args.quiet, args.max_wait)
-        log(f"  round {r + 1}/{rounds}: other processes use {busy:.0%} of the CPUs")
+        mem.append(memory_read_gbps(threads))
+        log(f"  round {r + 1}/{rounds}: other processes use {busy:.0%} of the CPUs; memory reads at "
+            f"{mem[-1] or 0:.1f} GB/s")
         raw["llama"].append(llama_bench(llama, gguf, threads, args.llama_reps))
         log(f"  round {r + 1}/{rounds}: llama.cpp decode {median(raw['llama'][-1]['decode_ms']):.2f} ms/token")
         if art is not None:
@@ -400,6 +417,13 @@ def measure(llama: LlamaCpp, gguf: Path, art: Path | None, threads: int, rounds:
         fig["ratios"] = {"decode": a["decode_ms"] / b["decode_ms"], "prefill16": a["prefill16_tps"] / b["prefill16_tps"],
                          "prefill512": a["prefill512_tps"] / b["prefill512_tps"],
                          "rss": a["peak_rss_bytes"] / b["peak_rss_bytes"]}
+        # decode, paired: each round's edgemamba runs against the llama.cpp run just before them (the
+        # machine's memory speed, which decides both, moves between rounds), median over the rounds
+        per_em = len(em) // len(ll)
+        fig["decode_rounds"] = [
+            {"ratio": statistics.mean(e["decode_ms"]["mean"] for e in em[i * per_em : (i + 1) * per_em])
+             / median(ll[i]["decode_ms"]), "mem_gbps": mem[i]} for i in range(len(ll))]
+        fig["ratios"]["decode"] = median([x["ratio"] for x in fig["decode_rounds"]])
     return {"figures": fig, "raw": raw}
 
 
@@ -602,6 +626,12 @@ def _engines(run_: Run) -> str:
     return ", ".join(found) or "none yet"
 
 
+def _per_round(fig: dict) -> str:
+    """Each round's decode ratio, with the memory read speed before it: "0.74 (76) / 0.81 (45)"."""
+    rounds = fig.get("decode_rounds", [])  # absent in rows of runs before 2026-11-23 (resumed)
+    return " / ".join(f"{x['ratio']:.2f}" + (f" ({x['mem_gbps']:.0f})" if x["mem_gbps"] else "") for x in rounds)
+
+
 def _verdict(ratio: float, bar: float, at_most: bool) -> str:
     ok = ratio <= bar if at_most else ratio >= bar
     shown = f"{ratio:.2f}" if f"{ratio:.2f}" != f"{bar:.2f}" else f"{ratio:.3f}"  # no "1.50 FAIL" against 1.5
@@ -640,7 +670,10 @@ def render(run_: Run) -> str:
         f"- Per row the peers alternate (llama.cpp, edgemamba, ...): rounds {args.rounds} on the rows the bars bind, "
         f"{args.info_rounds} on the others. decode: mean ms/token of each run (llama.cpp: each of its 128-token "
         f"repetitions; edgemamba: each process's {args.tokens} tokens, its per-token p50 in brackets), median over "
-        "runs. "
+        "runs; its ratio is paired: per round, edgemamba's two runs against the llama.cpp run just before them, "
+        "median over the rounds (column `per round`, with the machine's memory read speed measured before the "
+        "round by benchmarks/stream_read.cc: both peers' decode is memory-bound, and that speed moved between "
+        "42 and 78 GB/s within minutes on this machine). "
         "prefill: tokens/s, median over repetitions. RSS: peak resident set of the whole process "
         "(`/usr/bin/time -v`: model, runtime and, for edgemamba, the Python interpreter), largest over the row's runs.",
         "- ratios are edgemamba / llama.cpp; bars from issue 6: decode <= 0.8, prefill-512 >= 1.5, RSS <= 1. "
@@ -654,10 +687,11 @@ def render(run_: Run) -> str:
     for model, what in ((m.name, m.what) for m in MODELS if any(r["model"] == m.name for r in run_.rows)):
         out += ["", f"**{model}**: {what}", "",
                 "| precision | threads | others | decode ms/token llama.cpp | edgemamba [p50] | ratio (<=0.8) "
+                "| per round (GB/s) "
                 "| prefill-16 tok/s llama.cpp | edgemamba | ratio "
                 "| prefill-512 tok/s llama.cpp | edgemamba | ratio (>=1.5) "
                 "| peak RSS MiB llama.cpp | edgemamba | ratio (<=1) |",
-                "|" + "---|" * 15]
+                "|" + "---|" * 16]
         rows = sorted((r for r in run_.rows if r["model"] == model), key=lambda r: (order[r["precision"]], r["threads"]))
         for r in rows:
             name = f"{r['gguf']} / {r['precision']}"
@@ -665,7 +699,7 @@ def render(run_: Run) -> str:
             f = r["figures"]
             if "llama" not in f:
                 out.append(f"| {name} | {r['threads']} | | failed: {r.get('error', '?').strip().splitlines()[-1]} |"
-                           + " |" * 11)
+                           + " |" * 12)
                 continue
             ll = f["llama"]
             mark = "*" if f["others_cpu"] > args.quiet else ""
@@ -674,14 +708,14 @@ def render(run_: Run) -> str:
             if "edgemamba" in f:
                 em, ra = f["edgemamba"], f["ratios"]
                 cells += [f"{em['decode_ms']:.2f} [{em['decode_p50_ms']:.2f}]",
-                          _verdict(ra["decode"], DECODE_BAR, True) + mark,
+                          _verdict(ra["decode"], DECODE_BAR, True) + mark, _per_round(f),
                           f"{ll['prefill16_tps']:.0f}", f"{em['prefill16_tps']:.0f}", f"{ra['prefill16']:.2f}",
                           f"{ll['prefill512_tps']:.0f}", f"{em['prefill512_tps']:.0f}",
                           _verdict(ra["prefill512"], PREFILL_BAR, False) + mark,
                           _mib(ll["peak_rss_bytes"]), _mib(em["peak_rss_bytes"]), _verdict(ra["rss"], RSS_BAR, True)]
             else:
                 note = r["edgemamba_note"] or r.get("error", "no figures")
-                cells += [note, "", f"{ll['prefill16_tps']:.0f}", "", "", f"{ll['prefill512_tps']:.0f}", "", "",
+                cells += [note, "", "", f"{ll['prefill16_tps']:.0f}", "", "", f"{ll['prefill512_tps']:.0f}", "", "",
                           _mib(ll["peak_rss_bytes"]), "", ""]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
     if run_.flat:
