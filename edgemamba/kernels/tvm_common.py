@@ -116,7 +116,7 @@ class Pdl:
     # Per kernel of a layer ("in_proj", "x_proj", "ssm", "out_proj"): those that trigger early whatever
     # `trigger` says, and those that prefetch whatever `prefetch` says. x_proj and the state update
     # leave the memory idle; triggering early, they let out_proj launch while they run and bring its
-    # weights into L2 meanwhile.
+    # weights into L2 meanwhile, and the state update, launched while x_proj runs, its state.
     early_kinds: tuple = ()
     prefetch_kinds: tuple = ()
 
@@ -148,7 +148,7 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
              "late-preload-ssm": Pdl("late", False, preload="ssm"),
              "late-preload": Pdl("late", False, max_batch=1, preload="ssm", beyond=Pdl("late", False, preload="all")),
              "overlap": Pdl("late", False, max_batch=1, preload="ssm", early_kinds=("x_proj", "ssm"),
-                            prefetch_kinds=("out_proj",), beyond=Pdl("late", False, preload="all"))}
+                            prefetch_kinds=("out_proj", "ssm"), beyond=Pdl("late", False, preload="all"))}
 # Where the target has it (`supports_pdl`). Measured on an H100 (benchmarks/RESULTS.md, TVM section):
 # at batch 1, "late-noprefetch" was 9% and 7% faster than "off" on mamba-130m and mamba2-130m and
 # level on mamba-1.4b; at batch 8 every mode was slower than "off" on mamba-1.4b (+8% or more), and
@@ -156,11 +156,13 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
 # into registers instead (2026-11-23): the state update's parameters gained at batch 1 on all three
 # models (-2 to -7%), the GEMVs' first sweeps of W lost on the 130m shapes (+3 to +8%); at batch 8 PDL
 # with both preloads gained (-8 to -17%, where PDL alone had lost). "overlap" over "late-preload" at
-# batch 1: -0.6% (mamba-1.4b), -1% to -8% (mamba-130m, whose late-preload step is bimodal), -6.5%
-# (mamba2-130m); the same at batch 8: -6%, +1.3%, -0.6% (not taken). Also measured: out_proj
-# triggering early too, with in_proj prefetching (+4% on mamba-1.4b: 33 MB into the 50 MB L2), and
-# in_proj triggering early (+11% on mamba-1.4b), and in_proj (and x_proj) preloading their first
-# sweeps of W (+2.6% to +4%).
+# batch 1, out_proj's prefetch alone: -0.6% (mamba-1.4b), -1% to -8% (mamba-130m, whose late-preload
+# step is bimodal), -6.5% (mamba2-130m); the same at batch 8: -6%, +1.3%, -0.6% (not taken); the state
+# update's state prefetch on top: -8% (mamba-130m), -3.5% (mamba-1.4b; +3.4% while it also prefetched
+# the parameters it preloads), -3.6% (mamba2-130m); x_proj prefetching its weights: within 0.6%.
+# Also measured: out_proj triggering early too, with in_proj prefetching (+4% on mamba-1.4b: 33 MB
+# into the 50 MB L2), in_proj triggering early (+11% on mamba-1.4b), and in_proj (and x_proj)
+# preloading their first sweeps of W (+2.6% to +4%).
 DEFAULT_PDL = "overlap"
 
 # Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__

@@ -204,11 +204,12 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         # PDL, before the wait: the thread's parameters and state into L2 (a prefetch never makes a
         # later load see stale data: L2 is where the GPU's global memory is coherent)
         b, c, lane = t // NL // e, t // NL % e, t % NL
-        T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(A[c, lane * SPL])))
         T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(ssm_state[b, c, lane * SPL])))
-        for j in T.unroll((r + NL - 1) // NL):
-            if j * NL + lane < r:
-                T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(dt_w[j * NL + lane, c])))
+        if not PL:  # preloaded parameters are loaded before the wait anyway
+            T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(A[c, lane * SPL])))
+            for j in T.unroll((r + NL - 1) // NL):
+                if j * NL + lane < r:
+                    T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(dt_w[j * NL + lane, c])))
 
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
