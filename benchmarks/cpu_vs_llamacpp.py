@@ -376,7 +376,8 @@ def memory_read_gbps(threads: int) -> float | None:
 
 
 def measure(llama: LlamaCpp, gguf: Path, art: Path | None, threads: int, rounds: int, args) -> dict:
-    """Rounds of (llama.cpp, edgemamba), each peer's figures pooled over the rounds."""
+    """Rounds of (llama.cpp, edgemamba), each peer's figures pooled over the rounds; the decode ratio
+    paired by round."""
     raw = {"llama": [], "edgemamba": []}
     rounds = rounds if art is not None else 1  # llama.cpp alone: no noise to share
     mem = []  # memory read GB/s before each round
@@ -413,17 +414,17 @@ def measure(llama: LlamaCpp, gguf: Path, art: Path | None, threads: int, rounds:
             "model_bytes": em[0]["weight_bytes"],
             "engine": em[0].get("engine", "ort"),
         }
-        a, b = fig["edgemamba"], fig["llama"]
-        fig["ratios"] = {"decode": a["decode_ms"] / b["decode_ms"], "prefill16": a["prefill16_tps"] / b["prefill16_tps"],
-                         "prefill512": a["prefill512_tps"] / b["prefill512_tps"],
-                         "rss": a["peak_rss_bytes"] / b["peak_rss_bytes"]}
         # decode, paired: each round's edgemamba runs against the llama.cpp run just before them (the
         # machine's memory speed, which decides both, moves between rounds), median over the rounds
         per_em = len(em) // len(ll)
         fig["decode_rounds"] = [
             {"ratio": statistics.mean(e["decode_ms"]["mean"] for e in em[i * per_em : (i + 1) * per_em])
              / median(ll[i]["decode_ms"]), "mem_gbps": mem[i]} for i in range(len(ll))]
-        fig["ratios"]["decode"] = median([x["ratio"] for x in fig["decode_rounds"]])
+        a, b = fig["edgemamba"], fig["llama"]
+        fig["ratios"] = {"decode": median([x["ratio"] for x in fig["decode_rounds"]]),
+                         "prefill16": a["prefill16_tps"] / b["prefill16_tps"],
+                         "prefill512": a["prefill512_tps"] / b["prefill512_tps"],
+                         "rss": a["peak_rss_bytes"] / b["peak_rss_bytes"]}
     return {"figures": fig, "raw": raw}
 
 
