@@ -7,6 +7,7 @@ Two halves, because the GPU machine cannot take TVM's compiler:
                                                            # there: weights packed from a seed, checked, timed
   python3 benchmarks/gpu_tvm.py ab OUT1 OUT2 ...           # there: decode of several builds, same weights
   python3 benchmarks/gpu_tvm.py profile OUT1 ...           # there: µs per kernel of a step, batch 1 and 8
+  python3 benchmarks/gpu_tvm.py timeline OUT1 ...          # there: batch-1 kernels' overlap under PDL
   python3 benchmarks/gpu_tvm.py weights OUT --dest DIR     # there: DIR/<model>.em, complete artifacts
                                                            # (the same seeded weights) for `edgemamba bench`
 
@@ -433,6 +434,81 @@ def profile(outs: list[Path], models: list[str], steps: int = 50) -> None:
     print("\nPROFILE " + json.dumps(rows))
 
 
+def _layer_kind(kernel: str) -> str:
+    """The part of a layer (or of the step) a kernel of the decode step is, from its name."""
+    if "gemv" in kernel:
+        if "_conv" in kernel:
+            return "in_proj"
+        if "residual" in kernel:
+            return "out_proj"
+        return "lm_head" if "rms" in kernel else "x_proj"
+    return "ssm" if "ssm" in kernel else kernel.split("(")[0][:40]
+
+
+def timeline(outs: list[Path], models: list[str]) -> None:
+    """Where a batch-1 step's time goes under PDL: CUPTI's start and end of every kernel (torch
+    profiler) over 5 replays of the step's CUDA graph, as `_graph_decode_ms` captures it. Per kind of
+    kernel: its duration (from its launch, so under PDL its wait too), its start less the previous
+    kernel's end (negative: launched before that one ended), and its end less its layer's in_proj end
+    (what the chain after in_proj costs)."""
+    os.environ.setdefault("EDGEMAMBA_TVM_RUNTIME", str(outs[0] / "runtime"))
+    import tempfile
+
+    import torch
+    import tvm_ffi
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from edgemamba.artifact import load_artifact
+    from edgemamba.runtimes.tvm import TvmBackend, pack_weights
+
+    for name in models:
+        spec = MODELS[name]
+        packed = pack_weights(spec, random_weights(spec, seed=0), "fp16")
+        for out in outs:
+            be = TvmBackend(load_artifact(out / f"{name}.em"), 1, weights=packed)
+            ids, logits = torch.from_dlpack(be._ids.tensor), torch.from_dlpack(be._logits.tensor)
+            stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+                for _ in range(2):  # warm-up: the VM's memory pool fills outside the capture
+                    for fn in be._steps:
+                        fn()
+                    ids.copy_(logits.argmax(-1).to(torch.int32))
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream), tvm_ffi.use_torch_stream():
+                for fn in be._steps:
+                    fn()
+                ids.copy_(logits.argmax(-1).to(torch.int32))
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    graph.replay()
+                torch.cuda.synchronize()
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                prof.export_chrome_trace(f.name)
+                events = [e for e in json.load(open(f.name))["traceEvents"] if e.get("cat") == "kernel"]
+            events.sort(key=lambda e: e["ts"])
+            firsts = [i for i, e in enumerate(events) if e["name"].startswith("embed")]
+            spans = [events[j]["ts"] - events[i]["ts"] for i, j in zip(firsts, firsts[1:])]
+            step = events[firsts[-2]:firsts[-1]]
+            rows, prev_end, in_end = {}, None, None
+            for e in step:
+                kind, end = _layer_kind(e["name"]), e["ts"] + e["dur"]
+                gap = e["ts"] - prev_end if prev_end is not None else 0.0
+                in_end = end if kind == "in_proj" else in_end
+                after = end - in_end if in_end is not None else 0.0
+                rows.setdefault(kind, []).append((e["dur"], gap, after))
+                prev_end = end
+            print(f"\n{name} {out}: step {np.median(spans):.1f} µs between replays' first kernels")
+            print(f"  {'kernel':<40} {'n':>3} {'µs':>7} {'start-prev end':>15} {'end-in_proj end':>16}")
+            for kind, v in rows.items():
+                med = np.median(np.array(v), axis=0)
+                print(f"  {kind:<40} {len(v):3d} {med[0]:7.2f} {med[1]:15.2f} {med[2]:16.2f}")
+            del be
+        torch.cuda.empty_cache()
+
+
 def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> None:
     """Complete artifacts: each weightless library of OUT copied to DEST with weights.bin packed from
     the seeded random weights `run` uses, and the manifest's weight index and checksum."""
@@ -453,7 +529,7 @@ def with_weights(out: Path, dest: Path, models: list[str], seed: int = 0) -> Non
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["build", "run", "weights", "ab", "profile"])
+    p.add_argument("mode", choices=["build", "run", "weights", "ab", "profile", "timeline"])
     p.add_argument("out", type=Path, nargs="+", help="one build folder (ab: several)")
     p.add_argument("--arch", default="sm_90")
     p.add_argument("--models", default=",".join(MODELS))
@@ -465,13 +541,16 @@ def main():
     p.add_argument("--decode-only", action="store_true", help="run: graph-vs-plain check and decode timings only")
     a = p.parse_args()
     models = a.models.split(",")
-    if a.mode not in ("ab", "profile") and len(a.out) != 1:
+    if a.mode not in ("ab", "profile", "timeline") and len(a.out) != 1:
         p.error(f"{a.mode} takes one folder")
     if a.mode == "ab":
         ab(a.out, models, a.tokens)
         return
     if a.mode == "profile":
         profile(a.out, models)
+        return
+    if a.mode == "timeline":
+        timeline(a.out, models)
         return
     a.out = a.out[0]
     if a.mode == "build":

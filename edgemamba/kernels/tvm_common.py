@@ -119,6 +119,12 @@ class Pdl:
     # weights into L2 meanwhile, and the state update, launched while x_proj runs, its state.
     early_kinds: tuple = ()
     prefetch_kinds: tuple = ()
+    # A GEMV's prefetch brings at most about this many bytes of W into L2, every D-th row (D =
+    # ceil(bytes of W / budget)): the prefetch shares the memory with the loads of the kernels still
+    # running (x_proj, the state update), which the next kernels wait for. mamba-1.4b's out_proj
+    # (16.8 MB) on an H100, all of it / every 2nd / 3rd / 4th / 6th row: 1.310 / 1.252 / 1.233 /
+    # 1.239 / 1.250 ms a step; the 130m shapes' out_proj (2.4 MB) lost 4% with half of it.
+    prefetch_budget: int = 6 << 20
 
     def preloads(self, kind: str) -> bool:
         return self.preload in (kind, "all")

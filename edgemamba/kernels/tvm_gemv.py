@@ -251,6 +251,7 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     use_pdl = pdl is not None
     early, late = use_pdl and pdl.early, use_pdl and pdl.late
     prefetch = use_pdl and pdl.prefetch and ROW_BYTES % 16 == 0
+    PFD = -(-(N * ROW_BYTES) // pdl.prefetch_budget) if prefetch else 1  # prefetch every PFD-th row
     # PDL preload: a warp's first PRE sweeps of W (at most 128 bytes a lane) are loaded into
     # registers before the wait, so the previous kernel's tail hides their memory round trip
     PRE = min(KOW, 128 // (G * RW * VEC * np.dtype(s.wdtype).itemsize)) if use_pdl and pdl.preloads("gemv") else 0
@@ -358,7 +359,7 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                             T.evaluate(T.ptx.griddepcontrol.launch_dependents())
                         if prefetch and tx == 0 and ty % KS == 0:  # the rows of W (nothing in a step writes them)
                             for r in T.unroll(RW):
-                                if ((bx * RG + ty // KS) * RW + r) < N:
+                                if ((bx * RG + ty // KS) * RW + r) < N and ((bx * RG + ty // KS) * RW + r) % PFD == 0:
                                     T.evaluate(T.ptx.cp.async_.bulk.prefetch.L2.global_(
                                         T.address_of(W[(bx * RG + ty // KS) * RW + r, 0]), T.uint32(ROW_BYTES)))
                         if PRE > 0:  # weights only: nothing in a step writes them
