@@ -310,24 +310,28 @@ def _kernel_profile(be, torch, steps: int = 20) -> list:
     return [list(r) for r in rows]
 
 
-def _graph_decode_ms(be, n_tokens: int, torch, tvm_ffi) -> float:
-    """One CUDA graph: the TVM step on torch's stream, argmax, the argmax written back as the next
-    ids. Replayed n_tokens times; device time per replay from CUDA events (median of 3 runs)."""
+def _decode_graph(be, torch, tvm_ffi):
+    """One CUDA graph: the TVM step on torch's stream, argmax, the argmax written back as the next ids."""
     ids = torch.from_dlpack(be._ids.tensor)  # the backend's buffers, seen by torch (no copy)
     logits = torch.from_dlpack(be._logits.tensor)
-    steps = be._steps
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
         for _ in range(2):  # warm-up: the VM's memory pool fills outside the capture
-            for fn in steps:
+            for fn in be._steps:
                 fn()
             ids.copy_(logits.argmax(-1).to(torch.int32))
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream), tvm_ffi.use_torch_stream():
-        for fn in steps:
+        for fn in be._steps:
             fn()
         ids.copy_(logits.argmax(-1).to(torch.int32))
+    return graph
+
+
+def _graph_decode_ms(be, n_tokens: int, torch, tvm_ffi) -> float:
+    """`_decode_graph` replayed n_tokens times; device time per replay from CUDA events (median of 3 runs)."""
+    graph = _decode_graph(be, torch, tvm_ffi)
     times = []
     for _ in range(3):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -447,7 +451,7 @@ def _layer_kind(kernel: str) -> str:
 
 def timeline(outs: list[Path], models: list[str]) -> None:
     """Where a batch-1 step's time goes under PDL: CUPTI's start and end of every kernel (torch
-    profiler) over 5 replays of the step's CUDA graph, as `_graph_decode_ms` captures it. Per kind of
+    profiler) over 5 replays of the step's CUDA graph (`_decode_graph`, as timed). Per kind of
     kernel: its duration (from its launch, so under PDL its wait too), its start less the previous
     kernel's end (negative: launched before that one ended), and its end less its layer's in_proj end
     (what the chain after in_proj costs)."""
@@ -466,18 +470,7 @@ def timeline(outs: list[Path], models: list[str]) -> None:
         packed = pack_weights(spec, random_weights(spec, seed=0), "fp16")
         for out in outs:
             be = TvmBackend(load_artifact(out / f"{name}.em"), 1, weights=packed)
-            ids, logits = torch.from_dlpack(be._ids.tensor), torch.from_dlpack(be._logits.tensor)
-            stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
-                for _ in range(2):  # warm-up: the VM's memory pool fills outside the capture
-                    for fn in be._steps:
-                        fn()
-                    ids.copy_(logits.argmax(-1).to(torch.int32))
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph, stream=stream), tvm_ffi.use_torch_stream():
-                for fn in be._steps:
-                    fn()
-                ids.copy_(logits.argmax(-1).to(torch.int32))
+            graph = _decode_graph(be, torch, tvm_ffi)
             for _ in range(10):
                 graph.replay()
             torch.cuda.synchronize()

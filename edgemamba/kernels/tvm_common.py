@@ -123,7 +123,8 @@ class Pdl:
     # ceil(bytes of W / budget)): the prefetch shares the memory with the loads of the kernels still
     # running (x_proj, the state update), which the next kernels wait for. mamba-1.4b's out_proj
     # (16.8 MB) on an H100, all of it / every 2nd / 3rd / 4th / 6th row: 1.310 / 1.252 / 1.233 /
-    # 1.239 / 1.250 ms a step; the 130m shapes' out_proj (2.4 MB) lost 4% with half of it.
+    # 1.239 / 1.250 ms a step; with half of their out_proj's 2.4 MB, mamba-130m lost 5% and
+    # mamba2-130m 1%.
     prefetch_budget: int = 6 << 20
 
     def preloads(self, kind: str) -> bool:
