@@ -34,8 +34,10 @@ Per model, `run` reports:
     where that file exists (from a run of another build of the same model), says whether they are
     identical to it; --decode-only runs only that and the decode timings
   - decode ms/token, batch 1: the step (TVM kernels) + argmax + feeding the token back, captured in
-    one CUDA graph and replayed 256 times back to back (the same loop mamba_ssm's decode(cg=True) runs)
-  - the same through Session-style calls (ids up, logits down, host argmax), per token
+    one CUDA graph and replayed 256 times back to back (the same loop mamba_ssm's decode(cg=True) runs;
+    the argmax is the library's greedy_{B} kernel, written straight into the next step's ids)
+  - the same through Session-style calls (ids up, logits down, host argmax), per token, and through
+    the backend's step_greedy (ids up, the library's pick, ids down: Session.generate's greedy path)
   - batch 8: one replay decodes 8 sequences; time relative to batch 1
   - prefill of 2,048 tokens in one call, against stepping through them (2,048 × the decode time)
 """
@@ -230,7 +232,7 @@ def _run_model(name: str, art_dir: Path, n_tokens: int, logits_dir: Path | None 
     res["batch8_rel_err"] = float(np.abs(both - np.stack(alone)).max() / np.abs(np.stack(alone)).max())
     print(f"  batch 8 vs 8 x batch 1: {res['batch8_rel_err']:.2e}")
 
-    # -- decode: step + argmax + feedback in one CUDA graph --------------------------------------
+    # -- decode: step + greedy pick + feedback in one CUDA graph ---------------------------------
     for batch in BATCHES:
         bb = be if batch == 1 else b8
         res[f"decode_ms_b{batch}"] = _graph_decode_ms(bb, n_tokens, torch, tvm_ffi)
@@ -246,6 +248,21 @@ def _run_model(name: str, art_dir: Path, n_tokens: int, logits_dir: Path | None 
         tok = np.array([int(be.step(tok)[0].argmax())])
     res["session_step_ms"] = (time.perf_counter() - t) / n_tokens * 1e3
     print(f"  Session-style step (host logits): {res['session_step_ms']:.3f} ms/token")
+    # -- Session greedy step: ids up, the library's greedy pick, ids down (Session.generate's path) -
+    if be.can_step_greedy:
+        agree = total = 0
+        for b in (be, b8):  # the library's pick against the host's argmax of the same logits
+            for t in range(4):
+                pick = b.step_greedy(rows[: b.batch, t % 3])
+                agree, total = agree + int(np.array_equal(pick, b.logits().argmax(-1))), total + 1
+        res["greedy_agrees"] = f"{agree}/{total}"
+        print(f"  greedy pick = host argmax of the same logits (batch 1 and 8): {agree}/{total}")
+        tok = be.step_greedy(np.array([1]))
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            tok = be.step_greedy(tok)
+        res["session_greedy_step_ms"] = (time.perf_counter() - t) / n_tokens * 1e3
+        print(f"  Session greedy step (ids only): {res['session_greedy_step_ms']:.3f} ms/token")
 
     # -- prefill 2048 vs stepping ------------------------------------------------------------------
     prompt = np.random.default_rng(2).integers(0, spec.vocab_size, 2048)
@@ -311,21 +328,28 @@ def _kernel_profile(be, torch, steps: int = 20) -> list:
 
 
 def _decode_graph(be, torch, tvm_ffi):
-    """One CUDA graph: the TVM step on torch's stream, argmax, the argmax written back as the next ids."""
+    """One CUDA graph on torch's stream: the TVM step, then the greedy pick written into the ids the
+    next replay reads: the library's own `greedy_{B}` kernel (libraries before it: torch's argmax and
+    a copy)."""
     ids = torch.from_dlpack(be._ids.tensor)  # the backend's buffers, seen by torch (no copy)
     logits = torch.from_dlpack(be._logits.tensor)
+
+    def token():
+        for i, fn in enumerate(be._steps):
+            fn()
+            if be.can_step_greedy:
+                be._greedy[i]()
+        if not be.can_step_greedy:
+            ids.copy_(logits.argmax(-1).to(torch.int32))
+
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
         for _ in range(2):  # warm-up: the VM's memory pool fills outside the capture
-            for fn in be._steps:
-                fn()
-            ids.copy_(logits.argmax(-1).to(torch.int32))
+            token()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream), tvm_ffi.use_torch_stream():
-        for fn in be._steps:
-            fn()
-        ids.copy_(logits.argmax(-1).to(torch.int32))
+        token()
     return graph
 
 

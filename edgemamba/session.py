@@ -131,6 +131,14 @@ class Session:
                 self.positions[r] += 1
             return logits
 
+    def _step_greedy(self, token: int) -> int:
+        """One token through a batch-1 Session's backend; the next token, chosen on the device (-1:
+        the logits held a NaN or an infinity)."""
+        with self._exclusive():
+            picked = int(self.backend.step_greedy(np.array([token], np.int32))[0])
+            self.positions[0] += 1
+            return picked
+
     def generate(self, prompt: Sequence[int] | None, max_new_tokens: int, *, sampling: SamplingParams | None = None,
                  stop: Sequence[int] | None = None, seq: int = 0) -> Iterator[int]:
         """Stream new token ids for one sequence (batch-1 use). `prompt=None` continues from the
@@ -148,20 +156,28 @@ class Session:
                 logits = self._last_logits
             else:
                 raise EdgeMambaError("no prompt and no restored state to continue from")
+            # Greedy decoding on a backend that picks the next token on the device: per token only
+            # the ids cross, the logits stay there (read once, at the end, for _last_logits).
+            on_device = sampler.params.temperature == 0.0 and getattr(self.backend, "can_step_greedy", False)
             # Invariant when the generator ends, however it ends: the state holds every yielded token
             # and _last_logits follow the last one, so a later generate(None) continues exactly.
-            pending = None
+            pending, picked = None, None
             try:
                 for _ in range(max_new_tokens):
-                    token = pending = sampler(logits)
+                    if picked is not None and picked < 0:  # as the host sampler refuses them
+                        raise EdgeMambaError("the model produced NaN/inf logits; refusing to sample from them")
+                    token = pending = sampler(logits) if picked is None else picked
                     yield token
-                    logits, pending = self.step([token])[0], None
+                    if on_device:
+                        picked, logits, pending = self._step_greedy(token), None, None
+                    else:
+                        logits, pending = self.step([token])[0], None
                     if token in stop:
                         return
             finally:
                 if pending is not None:
                     logits = self.step([pending])[0]
-                self._last_logits = logits.copy()
+                self._last_logits = (self.backend.logits()[0] if logits is None else logits).copy()
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                        sampling: SamplingParams | None = None, stop: Sequence[int] | None = None) -> list[list[int]]:

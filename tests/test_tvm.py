@@ -21,6 +21,7 @@ from edgemamba.artifact import compile_artifact, load_artifact  # noqa: E402
 from edgemamba.kernels import tvm_prefill as P  # noqa: E402
 from edgemamba.kernels.tvm_common import cpu_target  # noqa: E402
 from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel, gemv_reference  # noqa: E402
+from edgemamba.kernels.tvm_greedy import greedy_kernel, greedy_reference  # noqa: E402
 from edgemamba.kernels.tvm_ssm import SsmStepSpec, ssm_step_kernel, ssm_step_reference  # noqa: E402
 from edgemamba.reference import Reference  # noqa: E402
 from edgemamba.spec import ModelSpec  # noqa: E402
@@ -85,7 +86,7 @@ def cpu_kernels():
     funcs += [P.conv_out_kernel(s, False) for s in CONV_OUTS.values()]
     funcs += [f for s in SCAN_CHUNKS.values() for f in P.scan_chunk_kernels(s, False)]
     funcs += [P.bcdt_norm_kernel(FALCON, False), P.embed_kernel(96, 64, "float16", False),
-              P.embed_kernel(96, 64, "int8", False)]
+              P.embed_kernel(96, 64, "int8", False), greedy_kernel(6, 1000, False)]
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     lib = tvm.compile(mod, target=cpu_target())
     return lambda f: lib[f.attrs["global_symbol"]]
@@ -260,6 +261,19 @@ def test_bcdt_norm_and_embed_kernels(cpu_kernels):
     assert np.allclose(got, q[ids] * scale[ids, None], rtol=1e-6)
 
 
+def test_greedy_kernel_picks_the_first_largest_and_flags_non_finite_rows(cpu_kernels):
+    logits = np.random.default_rng(8).standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [17, 400, 999]] = 9.0  # a tie: the first index, as numpy.argmax
+    logits[2] = -3.5  # all equal: index 0
+    logits[3, 5] = np.nan
+    logits[4, 999] = np.inf
+    logits[5, 0] = -np.inf
+    got = _call(cpu_kernels(greedy_kernel(6, 1000, False)), ["logits", "ids"],
+                {"logits": logits, "ids": np.zeros(6, np.int32)})["ids"]
+    assert got.tolist() == greedy_reference(logits).tolist()
+    assert got.tolist()[:3] == [int(np.argmax(logits[0])), 17, 0] and got.tolist()[3:] == [-1, -1, -1]
+
+
 # ---------------------------------------------------------------------------------------------
 # artifacts
 # ---------------------------------------------------------------------------------------------
@@ -311,10 +325,38 @@ def test_llvm_batch_beyond_compiled_sizes_and_state_snapshots(kind, llvm_artifac
     assert np.allclose(nxt[0], nxt[1], atol=1e-6)
 
 
-def test_greedy_generation_equals_reference(llvm_artifacts):
-    ck, art = llvm_artifacts("mamba2-g2-tied")
+@pytest.mark.parametrize("kind", ["mamba", "mamba2-g2-tied"])
+def test_greedy_generation_equals_reference(kind, llvm_artifacts):
+    # greedy decoding picks each token in the library (greedy_{B}); only the ids come back
+    ck, art = llvm_artifacts(kind)
     prompt = random_ids((10,), seed=11)
-    assert list(Session(art).generate(prompt, 15, stop=[])) == Reference(ck).greedy(prompt, 15)
+    expected = Reference(ck).greedy(prompt, 15)
+    session = Session(art)
+    assert session.backend.can_step_greedy
+    assert list(session.generate(prompt, 15, stop=[])) == expected
+    # stopped halfway, then continued from the state and the logits left on the device
+    session.reset()
+    first = list(session.generate(prompt, 6, stop=[]))
+    assert first + list(session.generate(None, 9, stop=[])) == expected
+    # the library's pick and the host sampler's agree on the same state
+    session.reset()
+    session.prefill(prompt)
+    picked = session.backend.step_greedy(np.array([expected[0]], np.int32))
+    assert picked[0] == int(np.argmax(session.backend.logits()[0])) == expected[1]
+
+
+def test_greedy_generation_refuses_non_finite_logits(llvm_artifacts, monkeypatch):
+    ck, art = llvm_artifacts("mamba")
+    session = Session(art)
+    prompt = random_ids((4,), seed=2)
+    step_greedy = session.backend.step_greedy
+    # what greedy_{B} returns for logits with a NaN or an infinity (the kernel's own test covers that)
+    monkeypatch.setattr(session.backend, "step_greedy", lambda ids: step_greedy(ids) * 0 - 1)
+    tokens = session.generate(prompt, 5, stop=[])
+    assert next(tokens) == Reference(ck).greedy(prompt, 1)[0]
+    with pytest.raises(EdgeMambaError, match="NaN/inf logits"):
+        next(tokens)
+    assert session.positions[0] == len(prompt) + 1  # the yielded token went through once, not twice
 
 
 def test_library_loads_with_the_runtime_alone(llvm_artifacts):

@@ -87,7 +87,7 @@ def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, ar
     with target, _cuda_postproc(_coherent_pdl_loads if use_pdl else None):
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline())
     info = {"device": tt.device, "target": json.dumps(target.export(), default=str), "step_batches": list(batches),
-            "library": "model.so", "cubins": {}}
+            "greedy": True, "library": "model.so", "cubins": {}}  # greedy: greedy_{B} (libraries since 2026-11-23)
     if gpu:
         arch = str(target.attrs["arch"])
         source = _cuda_source(ex.mod)

@@ -7,6 +7,8 @@ same shape and stays small; `edgemamba.runtimes.tvm.param_specs` gives their ord
         one token for each of B sequences; logits and every state tensor are written in place
     prefill(ids (t,) int32, logits (1, vocab), conv_state.0 (1, …), ssm_state.0 (1, …), …, weights…)
         a chunk of t tokens (t symbolic) of one sequence; last logits and the state in place
+    greedy_{B}(logits (B, vocab), ids (B,) int32)
+        each sequence's next token (argmax; -1 for non-finite logits) into ids, for the next step
 
 Each is a straight sequence of calls to the TIR kernels of `tvm_gemv`, `tvm_ssm` and
 `tvm_prefill`; kernels of the same shape are shared across layers. A decode step launches
@@ -23,6 +25,7 @@ from tvm import relax, tirx
 
 from edgemamba.kernels.tvm_common import Pdl, pdl_for
 from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel
+from edgemamba.kernels.tvm_greedy import greedy_kernel
 from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, ConvOutSpec, MatmulSpec, RowNormSpec, ScanChunkSpec, ScanSpec,
                                            bcdt_norm_kernel, conv_chunk_kernel, conv_out_kernel, embed_kernel,
                                            last_row_kernel, matmul_kernel, row_norm_kernel, scan_chunk_kernels,
@@ -76,8 +79,21 @@ def build_module(spec: ModelSpec, precision: str, gpu: bool, target: tvm.target.
     kb = _Builder(relax.BlockBuilder(), gpu, target, pdl=pdl_for(target, pdl) if gpu else None)
     for batch in batches:
         _function(kb, spec, WEIGHT_DTYPES[precision], f"step_{batch}", batch)
+        _greedy_function(kb, spec, batch)
     _function(kb, spec, WEIGHT_DTYPES[precision], "prefill", None)
     return kb.bb.get()
+
+
+def _greedy_function(kb: _Builder, s: ModelSpec, batch: int):
+    """greedy_{batch}(logits, ids): each sequence's next token, written into ids (`tvm_greedy`)."""
+    logits = relax.Var("logits", _ty((batch, s.vocab_size)))
+    ids = relax.Var("ids", _ty((batch,), "int32"))
+    with kb.bb.function(f"greedy_{batch}", [logits, ids]):
+        with kb.bb.dataflow():
+            (out,) = kb.call_inplace(("greedy", batch), lambda: greedy_kernel(batch, s.vocab_size, kb.gpu),
+                                     [logits, ids], [1], [(batch,)], ["int32"])
+            out = kb.bb.emit_output(out)
+        kb.bb.emit_func_output(out)
 
 
 @dataclass

@@ -432,6 +432,8 @@ class TvmBackend:
         self._ids, _ = self.dev.empty((rows,), np.int32)
         self._logits, _ = self.dev.empty((rows, self.spec.vocab_size), np.float32)
         self._steps = [self._bind_step(start, size) for start, size in chunks]
+        # greedy decoding on the device (`step_greedy`), where the library has it
+        self._greedy = [self._bind_greedy(start, size) for start, size in chunks] if info.get("greedy") else None
         self._graphs = _CudaGraphs(self.dev) if self.dev.kind == "cuda" and cuda_graph else None
 
     # ---- state ----------------------------------------------------------------------------------
@@ -456,8 +458,19 @@ class TvmBackend:
         self.vm["save_function"](f"step_{size}", name, 0, *(self.dev.rows(b, rows) for b in bufs), *self._weights)
         return self.vm[name]
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """ids (batch,) -> logits (batch, vocab); the array is reused by the next call (CPU)."""
+    def _bind_greedy(self, start: int, size: int):
+        """greedy_{size} on this chunk's rows of logits and ids."""
+        rows = slice(start, start + size)
+        name = f"greedy_{size}@{start}"
+        self.vm["save_function"](f"greedy_{size}", name, 0, self.dev.rows(self._logits, rows),
+                                 self.dev.rows(self._ids, rows))
+        return self.vm[name]
+
+    @property
+    def can_step_greedy(self) -> bool:
+        return self._greedy is not None
+
+    def _run(self, ids: np.ndarray, greedy: bool) -> None:
         ids = np.asarray(ids, dtype=np.int32)
         if self.dev.kind == "cpu":
             self._ids[: self.batch] = ids
@@ -466,10 +479,27 @@ class TvmBackend:
             staged[: self.batch] = ids
             self.dev.write(self._ids.tensor, staged)
         for i, fn in enumerate(self._steps):
+            if greedy:  # the step, then its argmax into ids: one CUDA graph
+                fn = (lambda step, pick: lambda: (step(), pick()))(fn, self._greedy[i])
             if self._graphs is None:
                 fn()
             else:
-                self._graphs.run(i, fn)
+                self._graphs.run((i, greedy), fn)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """ids (batch,) -> logits (batch, vocab); the array is reused by the next call (CPU)."""
+        self._run(ids, greedy=False)
+        return self.dev.read(self._logits)[: self.batch]
+
+    def step_greedy(self, ids: np.ndarray) -> np.ndarray:
+        """ids (batch,) -> each sequence's next token (batch,) int32, the argmax of its logits
+        computed on the device (-1 where the logits held a NaN or an infinity); only the ids come
+        back, the logits stay on the device (`logits()` reads them)."""
+        self._run(ids, greedy=True)
+        return np.array(self.dev.read(self._ids)[: self.batch])
+
+    def logits(self) -> np.ndarray:
+        """The last step's logits (batch, vocab)."""
         return self.dev.read(self._logits)[: self.batch]
 
     def prefill(self, ids: np.ndarray, row: int) -> np.ndarray:
