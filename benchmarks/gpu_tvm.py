@@ -109,7 +109,7 @@ def random_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
     """Canonical weights initialised as mamba_ssm does (scaled so activations stay O(1)), rounded
     to fp16 so that the reference sees exactly the values the library uses."""
     rng = np.random.default_rng(seed)
-    e, n, d = spec.d_inner, spec.d_state, spec.d_model
+    n = spec.d_state
     w = {}
     for name, shape in spec.weight_shapes().items():
         leaf = name.split(".")[-1]
