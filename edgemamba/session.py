@@ -131,12 +131,14 @@ class Session:
                 self.positions[r] += 1
             return logits
 
-    def _step_greedy(self, token: int) -> int:
-        """One token through a batch-1 Session's backend; the next token, chosen on the device (-1:
-        the logits held a NaN or an infinity)."""
+    def _step_greedy(self, ids: Sequence[int]) -> np.ndarray:
+        """One token for every sequence, as `step`; returns each sequence's next token, chosen on the
+        device (-1: its logits held a NaN or an infinity). The logits stay on the device."""
+        ids = self._check_ids(ids)
         with self._exclusive():
-            picked = int(self.backend.step_greedy(np.array([token], np.int32))[0])
-            self.positions[0] += 1
+            picked = self.backend.step_greedy(ids)
+            for r in range(self.batch):
+                self.positions[r] += 1
             return picked
 
     def generate(self, prompt: Sequence[int] | None, max_new_tokens: int, *, sampling: SamplingParams | None = None,
@@ -169,7 +171,7 @@ class Session:
                     token = pending = sampler(logits) if picked is None else picked
                     yield token
                     if on_device:
-                        picked, logits, pending = self._step_greedy(token), None, None
+                        picked, logits, pending = int(self._step_greedy([token])[0]), None, None
                     else:
                         logits, pending = self.step([token])[0], None
                     if token in stop:
@@ -189,21 +191,31 @@ class Session:
                                            None if params.seed is None else params.seed + i))
                     for i in range(self.batch)]
         stop = set(self.default_stop if stop is None else stop)
+        on_device = params.temperature == 0.0 and getattr(self.backend, "can_step_greedy", False)  # as generate
         with self._owned():
             self.reset()
             last = [self.prefill(p, seq=i) for i, p in enumerate(prompts)]
             outs: list[list[int]] = [[] for _ in prompts]
             done = [False] * self.batch
+            picked = None
             for _ in range(max_new_tokens):
-                tokens = [samplers[i](last[i]) if not done[i] else 0 for i in range(self.batch)]
+                if picked is None:
+                    tokens = [samplers[i](last[i]) if not done[i] else 0 for i in range(self.batch)]
+                else:
+                    if any(picked[i] < 0 and not done[i] for i in range(self.batch)):
+                        raise EdgeMambaError("the model produced NaN/inf logits; refusing to sample from them")
+                    tokens = [int(picked[i]) if not done[i] else 0 for i in range(self.batch)]
                 for i, t in enumerate(tokens):
                     if not done[i]:
                         outs[i].append(t)
                         done[i] = t in stop
                 if all(done):
                     break
-                logits = self.step(tokens)
-                last = [logits[i].copy() for i in range(self.batch)]
+                if on_device:
+                    picked = self._step_greedy(tokens)
+                else:
+                    logits = self.step(tokens)
+                    last = [logits[i].copy() for i in range(self.batch)]
         return outs
 
     def stream_text(self, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:

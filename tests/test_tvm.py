@@ -345,6 +345,15 @@ def test_greedy_generation_equals_reference(kind, llvm_artifacts):
     assert picked[0] == int(np.argmax(session.backend.logits()[0])) == expected[1]
 
 
+def test_greedy_batch_generation_equals_reference(llvm_artifacts):
+    # 3 sequences over the compiled step_2 and step_1 (chunks of 2 and 1 rows), picked on the device
+    ck, art = llvm_artifacts("mamba2-g2-tied")
+    prompts = [random_ids((n,), seed=20 + n).tolist() for n in (5, 9, 3)]
+    session = Session(art, batch=3)
+    assert session.backend.can_step_greedy
+    assert session.generate_batch(prompts, 8, stop=[]) == [Reference(ck).greedy(p, 8) for p in prompts]
+
+
 def test_greedy_generation_refuses_non_finite_logits(llvm_artifacts, monkeypatch):
     ck, art = llvm_artifacts("mamba")
     session = Session(art)
