@@ -529,6 +529,9 @@ def test_cuda_artifact_on_the_gpu(tmp_path, hf_dirs):
     session = Session(art)
     logits = [session.prefill(ids[:12])] + [session.step([t])[0].copy() for t in ids[12:]]
     assert_logits_close(np.stack(logits), full[0, 11:], rel=1e-3)
+    session.reset()  # greedy generation: each token picked by the library's CUDA greedy kernel
+    assert session.backend.can_step_greedy
+    assert list(session.generate(ids[:12], 8, stop=[])) == Reference(ck).greedy(ids[:12], 8)
 
 
 # ---------------------------------------------------------------------------------------------
