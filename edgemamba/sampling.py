@@ -16,6 +16,10 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
     def __post_init__(self):
         if self.temperature < 0:
             raise EdgeMambaError(f"temperature must be ≥ 0, got {self.temperature}")
@@ -23,6 +27,12 @@ class SamplingParams:
             raise EdgeMambaError(f"top_k must be ≥ 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise EdgeMambaError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def non_finite_logits(count: int | None = None) -> EdgeMambaError:
+    """The refusal to sample from NaN/inf logits (count: how many, where known)."""
+    what = f"{count} NaN/inf logits" if count is not None else "NaN/inf logits"
+    return EdgeMambaError(f"the model produced {what}; refusing to sample from them")
 
 
 class Sampler:
@@ -33,10 +43,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         """One token from a (vocab,) row of logits."""
         if not np.all(np.isfinite(logits)):
-            bad = int(np.count_nonzero(~np.isfinite(logits)))
-            raise EdgeMambaError(f"the model produced {bad} NaN/inf logits; refusing to sample from them")
+            raise non_finite_logits(int(np.count_nonzero(~np.isfinite(logits))))
         p = self.params
-        if p.temperature == 0.0:
+        if p.greedy:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / p.temperature
         if p.top_k and p.top_k < z.size:

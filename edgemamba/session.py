@@ -21,7 +21,7 @@ import numpy as np
 
 from edgemamba.artifact import Artifact, atomic_write_bytes, load_artifact
 from edgemamba.errors import EdgeMambaError
-from edgemamba.sampling import Sampler, SamplingParams
+from edgemamba.sampling import Sampler, SamplingParams, non_finite_logits
 
 STATE_FORMAT = "edgemamba-state"
 STATE_VERSION = "2"  # 2: the metadata carries a checksum of the tensors and the position
@@ -131,6 +131,11 @@ class Session:
                 self.positions[r] += 1
             return logits
 
+    def _greedy_on_device(self, params: SamplingParams) -> bool:
+        """Greedy decoding on a backend that picks the next token on the device (tvm): per token only
+        the ids cross, the logits stay there."""
+        return params.greedy and getattr(self.backend, "can_step_greedy", False)
+
     def _step_greedy(self, ids: Sequence[int]) -> np.ndarray:
         """One token for every sequence, as `step`; returns each sequence's next token, chosen on the
         device (-1: its logits held a NaN or an infinity). The logits stay on the device."""
@@ -158,16 +163,15 @@ class Session:
                 logits = self._last_logits
             else:
                 raise EdgeMambaError("no prompt and no restored state to continue from")
-            # Greedy decoding on a backend that picks the next token on the device: per token only
-            # the ids cross, the logits stay there (read once, at the end, for _last_logits).
-            on_device = sampler.params.temperature == 0.0 and getattr(self.backend, "can_step_greedy", False)
+            # on the device, the logits are read once, at the end, for _last_logits
+            on_device = self._greedy_on_device(sampler.params)
             # Invariant when the generator ends, however it ends: the state holds every yielded token
             # and _last_logits follow the last one, so a later generate(None) continues exactly.
             pending, picked = None, None
             try:
                 for _ in range(max_new_tokens):
                     if picked is not None and picked < 0:  # as the host sampler refuses them
-                        raise EdgeMambaError("the model produced NaN/inf logits; refusing to sample from them")
+                        raise non_finite_logits()
                     token = pending = sampler(logits) if picked is None else picked
                     yield token
                     if on_device:
@@ -191,7 +195,7 @@ class Session:
                                            None if params.seed is None else params.seed + i))
                     for i in range(self.batch)]
         stop = set(self.default_stop if stop is None else stop)
-        on_device = params.temperature == 0.0 and getattr(self.backend, "can_step_greedy", False)  # as generate
+        on_device = self._greedy_on_device(params)
         with self._owned():
             self.reset()
             last = [self.prefill(p, seq=i) for i, p in enumerate(prompts)]
@@ -203,7 +207,7 @@ class Session:
                     tokens = [samplers[i](last[i]) if not done[i] else 0 for i in range(self.batch)]
                 else:
                     if any(picked[i] < 0 and not done[i] for i in range(self.batch)):
-                        raise EdgeMambaError("the model produced NaN/inf logits; refusing to sample from them")
+                        raise non_finite_logits()
                     tokens = [int(picked[i]) if not done[i] else 0 for i in range(self.batch)]
                 for i, t in enumerate(tokens):
                     if not done[i]:

@@ -8,6 +8,7 @@ A decode loop that feeds `ids` back into the next step keeps the logits on the d
 only the ids come back to the host (4 bytes a sequence, instead of the vocabulary's logits).
 """
 
+import numpy as np
 from tvm.script import tirx as T
 
 from edgemamba.kernels.tvm_common import FULL_MASK, ROW_VIEW
@@ -17,8 +18,6 @@ THREADS = 1024  # GPU: one block a sequence
 
 def greedy_reference(logits):
     """The contract, in NumPy: (batch, vocab) -> (batch,) int32."""
-    import numpy as np
-
     out = np.argmax(logits, axis=1).astype(np.int32)
     out[~np.all(np.isfinite(logits), axis=1)] = -1
     return out
