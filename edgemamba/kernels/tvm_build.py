@@ -75,6 +75,7 @@ def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, ar
 
     from edgemamba.kernels.tvm_common import DEFAULT_PDL, pdl_for, supports_pdl
     from edgemamba.kernels.tvm_model import STEP_BATCHES, build_module, relax_pipeline
+    from edgemamba.runtimes.tvm import WEIGHT_DTYPES, dt_proj_dtype
 
     tt = TARGETS[target_name]
     target = tt.make(arch)
@@ -87,7 +88,8 @@ def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, ar
     with target, _cuda_postproc(_coherent_pdl_loads if use_pdl else None):
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline())
     info = {"device": tt.device, "target": json.dumps(target.export(), default=str), "step_batches": list(batches),
-            "greedy": True, "library": "model.so", "cubins": {}}  # greedy: greedy_{B} (libraries since 2026-11-23)
+            "greedy": True, "library": "model.so", "cubins": {},  # greedy: greedy_{B} (libraries since 2026-11-23)
+            "dt_proj_dtype": dt_proj_dtype(WEIGHT_DTYPES[precision])}
     if gpu:
         arch = str(target.attrs["arch"])
         source = _cuda_source(ex.mod)

@@ -31,7 +31,7 @@ from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, ConvOutSpec, MatmulSpe
                                            last_row_kernel, matmul_kernel, row_norm_kernel, scan_chunk_kernels,
                                            scan_kernel)
 from edgemamba.kernels.tvm_ssm import SsmStepSpec, ssm_step_kernel
-from edgemamba.runtimes.tvm import WEIGHT_DTYPES, param_specs, state_specs
+from edgemamba.runtimes.tvm import WEIGHT_DTYPES, dt_proj_dtype, param_specs, state_specs
 from edgemamba.spec import ModelSpec
 
 STEP_BATCHES = (1, 2, 4, 8)
@@ -176,7 +176,7 @@ def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
     _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, _kind(pdl, "in_proj")), args, [len(args) - 1, -1],
                               [s.conv_state_shape(batch), (batch, NI)])  # proj (batch, in_proj_dim)
     # the state update (ssm_state in place); Mamba-1 first needs x_proj's Δ_in, B, C
-    k = SsmStepSpec(s, batch)
+    k = SsmStepSpec(s, batch, dt_proj_dtype(L.wdtype))
     if s.arch == "mamba1":
         gx = GemvSpec(n=s.dt_rank + 2 * s.d_state, k=e, batch=batch, wdtype=L.wdtype, x_cols=NI)
         dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu, _kind(pdl, "x_proj")), [proj, *L.mat("x_proj")], (batch, gx.n))
@@ -237,7 +237,7 @@ def _prefill_dt(L: _Layer, dbc, rows):
     e, n, r = s.d_inner, s.d_state, s.dt_rank
     if s.bcdt_rms_eps is not None:
         (dbc,) = kb.call_inplace(("bcdt",), lambda: bcdt_norm_kernel(s, gpu), [dbc], [0], [(rows, r + 2 * n)])
-    md = MatmulSpec(e, r, "float32", "float32", x_cols=r + 2 * n, w_kn=True)
+    md = MatmulSpec(e, r, dt_proj_dtype(L.wdtype), "float32", x_cols=r + 2 * n, w_kn=True)
     return dbc, kb.call(md, lambda: matmul_kernel(md, gpu, kb.target), [dbc, L.w("dt_proj.T")], (rows, e))
 
 

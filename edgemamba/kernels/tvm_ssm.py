@@ -36,6 +36,7 @@ THREADS = 128  # GPU threads per block
 class SsmStepSpec:
     spec: ModelSpec
     batch: int
+    dt_dtype: str = "float32"  # Mamba-1's dt_proj weights (`tvm.dt_proj_dtype`); read into float32
 
     @property
     def params(self) -> list[str]:
@@ -55,7 +56,8 @@ class SsmStepSpec:
         falcon = "_bcdt" if s.bcdt_rms_eps is not None else ""
         lim = "" if s.dt_limit == (0.0, np.inf) else f"_lim{s.dt_limit[0]:g}-{s.dt_limit[1]:g}"
         gate = "_gz" if self.gated and s.arch == "mamba2" else ""
-        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}{gate}"
+        dt16 = "_dt16" if s.arch == "mamba1" and self.dt_dtype == "float16" else ""
+        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}{gate}{dt16}"
 
     def lanes(self, gpu: bool) -> int:
         """Lanes sharing one channel's states: 2 to 8 states each on a GPU, all of them on a CPU.
@@ -158,15 +160,15 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     def scale(dbc, b, lo, width):
         return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
 
-    def param(cst, j, buf, *index):  # a parameter, preloaded or read here
-        return cst[0, j] if PL else buf[index]
+    def param(cst, j, buf, *index):  # a parameter, preloaded or read here (float32 either way)
+        return cst[0, j] if PL else T.Cast("float32", buf[index])
 
     @T.macro
     def preload(t, dt_w, dt_bias, A, D, cst):
         b, c, lane = t // NL // e, t // NL % e, t % NL
         for jj in T.unroll(RPL):
             if has_term(jj, lane):
-                cst[0, jj] = dt_w[jj * NL + lane, c]
+                cst[0, jj] = T.Cast("float32", dt_w[jj * NL + lane, c])
         for i in T.unroll(SPL):
             cst[0, CA + i] = A[c, st(lane, i)]
         cst[0, CB] = dt_bias[c]
@@ -213,7 +215,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
 
     @T.prim_func(private=True)
     def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
-                 dt_w: T.Buffer((r, e), "float32"), dt_bias: T.Buffer((e,), "float32"),
+                 dt_w: T.Buffer((r, e), k.dt_dtype), dt_bias: T.Buffer((e,), "float32"),
                  A: T.Buffer((e, n), "float32"), D: T.Buffer((e,), "float32"),
                  ssm_state: T.Buffer((Bt, e, n), "float32", **ROW_VIEW), y: T.Buffer((Bt, e), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})

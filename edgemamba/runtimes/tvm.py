@@ -21,7 +21,6 @@ import ctypes
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +46,17 @@ def state_specs(spec: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def param_specs(spec: ModelSpec, wdtype: str) -> list[tuple[str, tuple[int, ...], str]]:
+def dt_proj_dtype(wdtype: str) -> str:
+    """Mamba-1's dt_proj in fp16 libraries is fp16 like every other projection (as in the ONNX fp16
+    pass and the checkpoint's own half model; its dot products still sum in float32), float32 else."""
+    return "float16" if wdtype == "float16" else "float32"
+
+
+def param_specs(spec: ModelSpec, wdtype: str, dt_dtype: str | None = None) -> list[tuple[str, tuple[int, ...], str]]:
     """The library's weight parameters in order: (name, shape, dtype). The matrices (MATRICES) are
     stored (out, in) as in torch, in `wdtype`; int8 ones are followed by "<name>.scale", one float32
     per row (weight-only quantization, symmetric per output channel). dt_proj is stored transposed
-    (".T"); norms, conv, biases, Δ and SSM parameters stay float32, with A = -exp(A_log) folded."""
+    (".T"), in dt_dtype (None: `dt_proj_dtype`); norms, conv, biases, Δ and SSM parameters stay float32, with A = -exp(A_log) folded."""
     d, e, n, f32 = spec.d_model, spec.d_inner, spec.d_state, "float32"
 
     def matrix(name, shape):
@@ -68,7 +73,7 @@ def param_specs(spec: ModelSpec, wdtype: str) -> list[tuple[str, tuple[int, ...]
             out.append((p + "conv_bias", (spec.conv_dim,), f32))
         if spec.arch == "mamba1":
             r = spec.dt_rank
-            out += [*matrix(p + "x_proj", (r + 2 * n, e)), (p + "dt_proj.T", (r, e), f32), (p + "dt_bias", (e,), f32),
+            out += [*matrix(p + "x_proj", (r + 2 * n, e)), (p + "dt_proj.T", (r, e), dt_dtype or dt_proj_dtype(wdtype)), (p + "dt_bias", (e,), f32),
                     (p + "A", (e, n), f32), (p + "D", (e,), f32)]
         else:
             h = spec.n_heads
@@ -419,7 +424,8 @@ class TvmBackend:
                 raise EdgeMambaError(f"{artifact.path}: this artifact has no weights; pack them with "
                                      "edgemamba.runtimes.tvm.pack_weights and pass weights=")
             weights = read_packed(artifact.path / WEIGHTS, info["params"])
-        specs = param_specs(self.spec, WEIGHT_DTYPES[artifact.precision])
+        # libraries before dt_proj_dtype (no "dt_proj_dtype" in the manifest) take float32 dt_proj
+        specs = param_specs(self.spec, WEIGHT_DTYPES[artifact.precision], info.get("dt_proj_dtype", "float32"))
         missing = [n for n, _, _ in specs if n not in weights]
         if missing:
             raise EdgeMambaError(f"{artifact.path}: packed weights lack {', '.join(missing[:3])}")
