@@ -21,7 +21,8 @@ from edgemamba.artifact import compile_artifact, load_artifact  # noqa: E402
 from edgemamba.kernels import tvm_prefill as P  # noqa: E402
 from edgemamba.kernels.tvm_common import cpu_target  # noqa: E402
 from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel, gemv_reference  # noqa: E402
-from edgemamba.kernels.tvm_greedy import greedy_kernel, greedy_reference  # noqa: E402
+from edgemamba.kernels.reference import greedy_pick  # noqa: E402
+from edgemamba.kernels.tvm_greedy import greedy_kernel  # noqa: E402
 from edgemamba.kernels.tvm_ssm import SsmStepSpec, ssm_step_kernel, ssm_step_reference  # noqa: E402
 from edgemamba.reference import Reference  # noqa: E402
 from edgemamba.spec import ModelSpec  # noqa: E402
@@ -51,7 +52,8 @@ GEMVS = {
                           conv_hi=128),
     "int8-residual": GemvSpec(n=64, k=128, batch=1, wdtype="int8", epilogue="residual"),
 }
-SSM_STEPS = {"mamba1": SsmStepSpec(M1, 3), "falcon": SsmStepSpec(FALCON, 1), "mamba2": SsmStepSpec(M2, 2),
+SSM_STEPS = {"mamba1": SsmStepSpec(M1, 3), "mamba1-dt16": SsmStepSpec(M1, 1, "float16"), "falcon": SsmStepSpec(FALCON, 1),
+             "mamba2": SsmStepSpec(M2, 2),
              "mamba2-norm-first": SsmStepSpec(replace(M2, norm_before_gate=True), 1)}
 MATMULS = {
     "plain": P.MatmulSpec(96, 64),
@@ -140,6 +142,7 @@ def test_ssm_step_kernel_updates_state_in_place(name, cpu_kernels):
          "D": rng.standard_normal(per), "ssm_state": rng.standard_normal(s.ssm_state_shape(k.batch)),
          "y": np.zeros((k.batch, s.d_inner))}
     a = {key: v.astype(np.float32) for key, v in a.items()}
+    a["dt_w"] = a["dt_w"].astype(k.dt_dtype)  # fp16 libraries: dt_proj in fp16 (the reference reads the same values)
     got = _call(cpu_kernels(ssm_step_kernel(k, False)), k.params, a)
     ref = {key: v.astype(np.float64) for key, v in a.items()}
     y = ssm_step_reference(k, ref["proj"], ref["ssm_state"],
@@ -270,7 +273,7 @@ def test_greedy_kernel_picks_the_first_largest_and_flags_non_finite_rows(cpu_ker
     logits[5, 0] = -np.inf
     got = _call(cpu_kernels(greedy_kernel(6, 1000, False)), ["logits", "ids"],
                 {"logits": logits, "ids": np.zeros(6, np.int32)})["ids"]
-    assert got.tolist() == greedy_reference(logits).tolist()
+    assert got.tolist() == greedy_pick(logits).tolist()
     assert got.tolist()[:3] == [int(np.argmax(logits[0])), 17, 0] and got.tolist()[3:] == [-1, -1, -1]
 
 
@@ -479,6 +482,9 @@ def test_sm90_step_kernels_launch_early_but_read_only_weights_before_the_wait(sp
         batch = re.search(r"_b(\d+)_", name)
         if name.startswith("embed_"):
             return mode.for_batch(1)
+        greedy = re.match(r"greedy_(?:part|final)_(\d+)x", name)  # the greedy pick after the step
+        if greedy:
+            return mode.for_batch(int(greedy.group(1)))
         if not (name.startswith(("gemv_", "ssm_step_")) and batch):
             return None
         m = mode.for_batch(int(batch.group(1)))
