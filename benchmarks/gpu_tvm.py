@@ -257,6 +257,9 @@ def _run_model(name: str, art_dir: Path, n_tokens: int, logits_dir: Path | None 
                 agree, total = agree + int(np.array_equal(pick, b.logits().argmax(-1))), total + 1
         res["greedy_agrees"] = f"{agree}/{total}"
         print(f"  greedy pick = host argmax of the same logits (batch 1 and 8): {agree}/{total}")
+        res["greedy_contract"] = _greedy_contract(b8)
+        print(f"  greedy kernels on crafted logits = greedy_pick (ties across chunks, NaN, ±inf): "
+              f"{res['greedy_contract']}")
         tok = be.step_greedy(np.array([1]))
         t = time.perf_counter()
         for _ in range(n_tokens):
@@ -304,6 +307,29 @@ def _peers_and_table(out: Path, models: list[str], results: list[dict], peers: b
         peer = r.get("mamba_ssm", {}).get("ms_per_token_cg1", float("nan"))
         print(f"{r['model']:<13}{r['decode_ms_b1']:>11.4f}{r['batch8_over_batch1']:>7.2f}"
               f"{r['prefill_speedup']:>10.1f}{r['logits_rel_err']:>10.1e}{peer:>14.3f}")
+
+
+def _greedy_contract(b8) -> bool:
+    """The library's greedy_{8} on logits made to catch the GPU kernels' chunking: a tie of the
+    largest value in two chunks (the first index wins), all equal, a NaN, ±inf, and the largest at
+    each end of the row; True where the ids equal `kernels.reference.greedy_pick`."""
+    from edgemamba.kernels.reference import greedy_pick
+
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((8, b8.spec.vocab_size)).astype(np.float32)
+    logits[1, [3000, 1030, 50000]] = 9.0  # first index 1030, in the second chunk
+    logits[2] = -2.5
+    logits[3, 40000] = np.nan
+    logits[4, 7] = np.inf
+    logits[5, -1] = -np.inf
+    logits[6, -1] = 50.0
+    logits[7, 0] = 50.0
+    staged = np.zeros(b8._logits.shape, np.float32)
+    staged[:8] = logits
+    b8.dev.write(b8._logits.tensor, staged)
+    b8._greedy[0]()
+    got = np.array(b8.dev.read(b8._ids)[:8])
+    return bool(np.array_equal(got, greedy_pick(logits)))
 
 
 def _kernel_profile(be, torch, steps: int = 20) -> list:
@@ -509,19 +535,20 @@ def timeline(outs: list[Path], models: list[str]) -> None:
             firsts = [i for i, e in enumerate(events) if e["name"].startswith("embed")]
             spans = [events[j]["ts"] - events[i]["ts"] for i, j in zip(firsts, firsts[1:])]
             step = events[firsts[-2]:firsts[-1]]
-            rows, prev_end, in_end = {}, None, None
+            rows, prev_end, in_end = {}, events[firsts[-2] - 1]["ts"] + events[firsts[-2] - 1]["dur"], None
             for e in step:
                 kind, end = _layer_kind(e["name"]), e["ts"] + e["dur"]
-                gap = e["ts"] - prev_end if prev_end is not None else 0.0
+                gap = e["ts"] - prev_end
                 in_end = end if kind == "in_proj" else in_end
                 after = end - in_end if in_end is not None else 0.0
-                rows.setdefault(kind, []).append((e["dur"], gap, after))
+                rows.setdefault(kind, []).append((e["dur"], gap, after, end - max(prev_end, e["ts"]) + max(gap, 0.0)))
                 prev_end = end
             print(f"\n{name} {out}: step {np.median(spans):.1f} µs between replays' first kernels")
-            print(f"  {'kernel':<40} {'n':>3} {'µs':>7} {'start-prev end':>15} {'end-in_proj end':>16}")
-            for kind, v in rows.items():
+            print(f"  {'kernel':<40} {'n':>3} {'µs':>7} {'start-prev end':>15} {'end-in_proj end':>16} {'step µs':>8}")
+            for kind, v in rows.items():  # step µs: the step's time from the previous kernel's end to this one's, summed
                 med = np.median(np.array(v), axis=0)
-                print(f"  {kind:<40} {len(v):3d} {med[0]:7.2f} {med[1]:15.2f} {med[2]:16.2f}")
+                print(f"  {kind:<40} {len(v):3d} {med[0]:7.2f} {med[1]:15.2f} {med[2]:16.2f} "
+                      f"{np.sum(np.array(v)[:, 3]):8.1f}")
             del be
         torch.cuda.empty_cache()
 

@@ -91,3 +91,11 @@ def causal_conv1d_step(x, conv_state, weight, bias=None, activation: str = "silu
     elif activation != "none":
         raise ValueError(f"activation must be 'silu' or 'none', got {activation!r}")
     return y, window[:, :, 1:]
+
+
+def greedy_pick(logits):
+    """Greedy decoding's next token per sequence: (batch, vocab) -> (batch,) int32, the first index
+    of the largest logit (numpy.argmax), -1 where the row holds a NaN or an infinity."""
+    out = np.argmax(logits, axis=1).astype(np.int32)
+    out[~np.all(np.isfinite(logits), axis=1)] = -1
+    return out

@@ -25,7 +25,7 @@ from tvm import relax, tirx
 
 from edgemamba.kernels.tvm_common import Pdl, pdl_for
 from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel
-from edgemamba.kernels.tvm_greedy import greedy_kernel
+from edgemamba.kernels.tvm_greedy import greedy_kernel, greedy_parts
 from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, ConvOutSpec, MatmulSpec, RowNormSpec, ScanChunkSpec, ScanSpec,
                                            bcdt_norm_kernel, conv_chunk_kernel, conv_out_kernel, embed_kernel,
                                            last_row_kernel, matmul_kernel, row_norm_kernel, scan_chunk_kernels,
@@ -90,8 +90,15 @@ def _greedy_function(kb: _Builder, s: ModelSpec, batch: int):
     ids = relax.Var("ids", _ty((batch,), "int32"))
     with kb.bb.function(f"greedy_{batch}", [logits, ids]):
         with kb.bb.dataflow():
-            (out,) = kb.call_inplace(("greedy", batch), lambda: greedy_kernel(batch, s.vocab_size, kb.gpu),
-                                     [logits, ids], [1], [(batch,)], ["int32"])
+            if kb.gpu:  # chunks of each row, then a warp a row over the chunks' picks
+                pdl = None if kb.pdl is None else kb.pdl.for_batch(batch)
+                part, final = greedy_kernel(batch, s.vocab_size, True, pdl)
+                parts = kb.call(("greedy_part", batch), lambda: part, [logits], (batch, greedy_parts(s.vocab_size), 2),
+                                "int32")
+                (out,) = kb.call_inplace(("greedy_final", batch), lambda: final, [parts, ids], [1], [(batch,)], ["int32"])
+            else:
+                (out,) = kb.call_inplace(("greedy", batch), lambda: greedy_kernel(batch, s.vocab_size, False),
+                                         [logits, ids], [1], [(batch,)], ["int32"])
             out = kb.bb.emit_output(out)
         kb.bb.emit_func_output(out)
 
