@@ -191,6 +191,9 @@ def artifact_workload(artifact, engine: str | None = "auto") -> Workload:
     files = artifact.manifest["files"]
     weights = sum(info["bytes"] for name, info in files.items() if name.endswith(WEIGHT_FILE_SUFFIXES)) or None
     launches = {}
+    step_kernels = (artifact.manifest.get("tvm") or {}).get("step_launches")
+    if step_kernels:  # a compiled library's own count (tvm-cuda on sm_90+: x_proj fused into in_proj)
+        launches["step"] = int(step_kernels)
     for kind in ("step", "prefill") if target_cost(cost_key(artifact.target, engine)).graph_launches else ():
         if kind not in artifact.manifest["graphs"]:  # a compiled library (tvm-*): the target's kernel counts
             continue

@@ -74,7 +74,7 @@ def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, ar
     import tvm
 
     from edgemamba.kernels.tvm_common import DEFAULT_PDL, pdl_for, supports_pdl
-    from edgemamba.kernels.tvm_model import STEP_BATCHES, build_module, relax_pipeline
+    from edgemamba.kernels.tvm_model import STEP_BATCHES, build_module, relax_pipeline, step_launches
     from edgemamba.runtimes.tvm import WEIGHT_DTYPES, dt_proj_dtype
 
     tt = TARGETS[target_name]
@@ -90,6 +90,8 @@ def compile_library(spec, target_name: str, precision: str, out_dir: Path, *, ar
     info = {"device": tt.device, "target": json.dumps(target.export(), default=str), "step_batches": list(batches),
             "greedy": True, "library": "model.so", "cubins": {},  # greedy: greedy_{B} (libraries since 2026-11-23)
             "dt_proj_dtype": dt_proj_dtype(WEIGHT_DTYPES[precision])}
+    if 1 in batches:  # what a decode step launches, for `edgemamba bench --predict`
+        info["step_launches"] = step_launches(mod, 1)
     if gpu:
         arch = str(target.attrs["arch"])
         source = _cuda_source(ex.mod)

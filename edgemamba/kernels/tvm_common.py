@@ -126,6 +126,11 @@ class Pdl:
     # 1.239 / 1.250 ms a step; with half of their out_proj's 2.4 MB, mamba-130m lost 5% and
     # mamba2-130m 1%.
     prefetch_budget: int = 6 << 20
+    # Mamba-1 from its second layer on: x_proj inside in_proj's kernel (GemvSpec.xproj: each block
+    # of conv rows adds its share in fixed point, exact), the state update reading the sums; a layer
+    # is then 3 kernels, and x_proj's wait-load-reduce no longer sits between in_proj and the state
+    # update (on an H100 at batch 1, 2.9 µs of a mamba-1.4b layer's 23.5)
+    fuse_x_proj: bool = False
 
     def preloads(self, kind: str) -> bool:
         return self.preload in (kind, "all")
@@ -156,6 +161,10 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
              "late-preload": Pdl("late", False, max_batch=1, preload="ssm", beyond=Pdl("late", False, preload="all")),
              "overlap": Pdl("late", False, max_batch=1, preload="ssm", early_kinds=("x_proj", "ssm"),
                             prefetch_kinds=("out_proj", "ssm"), beyond=Pdl("late", False, preload="all"))}
+PDL_MODES["overlap-fx"] = replace(PDL_MODES["overlap"], fuse_x_proj=True)  # "overlap" with x_proj fused
+PDL_MODES["overlap-xpf"] = replace(PDL_MODES["overlap"], prefetch_kinds=("out_proj", "ssm", "x_proj"))
+PDL_MODES["overlap-xpf-xlate"] = replace(PDL_MODES["overlap"], prefetch_kinds=("out_proj", "ssm", "x_proj"),
+                                         early_kinds=("ssm",))
 # Where the target has it (`supports_pdl`). Measured on an H100 (benchmarks/RESULTS.md, TVM section):
 # at batch 1, "late-noprefetch" was 9% and 7% faster than "off" on mamba-130m and mamba2-130m and
 # level on mamba-1.4b; at batch 8 every mode was slower than "off" on mamba-1.4b (+8% or more), and
@@ -170,13 +179,17 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
 # Also measured: out_proj triggering early too, with in_proj prefetching (+4% on mamba-1.4b: 33 MB
 # into the 50 MB L2), in_proj triggering early (+11% on mamba-1.4b), and in_proj (and x_proj)
 # preloading their first sweeps of W (+2.6% to +4%).
-DEFAULT_PDL = "overlap"
+# "overlap-fx" over "overlap" (x_proj fused into in_proj; A/B at batch 1, two rounds each): mamba-1.4b
+# -4.5% (1.204 -> 1.150 ms), mamba-130m -4.1%, with the sums spread over XACC_REPLICAS = 4 copies
+# (16: -1.1% and +3%; 8: -3.9% on mamba-1.4b; 2: -3.8%; one copy: +10%, every block adding into the
+# same 160 words).
+DEFAULT_PDL = "overlap-fx"
 
 # Parameters of the step kernels that nothing in a step writes: the weights. They keep __restrict__
 # in PDL kernels (see `with_pdl`) unless the kernel reads them before its wait (preload); every other
 # parameter loses it (`tvm_build._coherent_pdl_loads`).
 PDL_CONSTANT_PARAMS = frozenset({"W", "w_scale", "norm_w", "bias", "conv_w", "conv_b", "dt_w", "dt_bias", "A", "D",
-                                 "E", "E_scale"})
+                                 "E", "E_scale", "xw"})
 
 
 def supports_pdl(target) -> bool:

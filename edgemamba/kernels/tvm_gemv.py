@@ -3,7 +3,8 @@
 Every projection of a decode step is one of these, with its neighbours fused in so that a Mamba
 layer is three or four kernel launches:
 
-    in_proj    RMSNorm(h) · W_in, then the causal conv step on the conv channels (state in place)
+    in_proj    RMSNorm(h) · W_in, then the causal conv step on the conv channels (state in place);
+               where fused (`Pdl.fuse_x_proj`), x_proj of the conv outputs too
     x_proj     plain GEMV
     out_proj   Mamba-1: h += W_out · y;  Mamba-2: h += W_out · gated_group_norm(y, z)
     lm_head    RMSNorm(h) · W_head into the logits buffer
@@ -38,6 +39,9 @@ from edgemamba.kernels.tvm_common import (FULL_MASK, ROW_VIEW, Pdl, cpu_workers,
 from edgemamba.reference import rms_norm, silu
 
 EPILOGUES = ("store", "residual", "conv")
+XACC_SCALE = 2.0**32  # fixed point of the fused x_proj's sums: |values| < 2^31, steps of 2^-32
+XACC_REPLICAS = 4  # copies of xacc, block b adding into copy b % 4 (fewer adds to one word; each
+# state-update block sums the copies: see tvm_common.DEFAULT_PDL for the measured trade)
 NORMS = ("", "rms", "gated")
 
 
@@ -61,11 +65,19 @@ class GemvSpec:
     conv_hi: int = 0
     d_conv: int = 4
     conv_bias: bool = True
+    # GPU only, Mamba-1's in_proj: x_proj (xproj rows, `xw` (xproj, n_conv)) applied to the conv
+    # channels' outputs here; each block adds its rows' share into `xacc` (XACC_REPLICAS, batch,
+    # xproj) int64, in place, in fixed point (XACC_SCALE): integer sums are exact, so the total does
+    # not depend on the order the blocks add in (the step stays deterministic). out_proj's `zero_n`
+    # makes the next layer's xacc, zeroed.
+    xproj: int = 0
+    zero_n: int = 0
 
     def __post_init__(self):
         assert self.epilogue in EPILOGUES and self.norm in NORMS, self
         assert self.k % self.groups == 0 and (self.norm != "" or self.groups == 1), self
         assert self.x_off + self.k <= self.xw, self
+        assert not self.xproj or (self.epilogue == "conv" and not self.quantized), self
 
     @property
     def xw(self) -> int:
@@ -82,7 +94,7 @@ class GemvSpec:
 
     @property
     def params(self) -> list[str]:
-        """Names of the kernel's parameters, in order; `out` is the last."""
+        """Names of the kernel's parameters, in order; `out` is the last but for out_proj's `xzero`."""
         names = ["x"]
         if self.norm == "gated":
             names.append("z")
@@ -96,7 +108,9 @@ class GemvSpec:
         if self.epilogue == "conv":
             names += ["conv_w", "conv_b"] if self.conv_bias else ["conv_w"]
             names.append("conv_state")
-        return names + ["out"]
+        if self.xproj:
+            names += ["xw", "xacc"]
+        return names + ["out"] + (["xzero"] if self.zero_n else [])
 
     def name(self) -> str:
         parts = [f"gemv_{self.n}x{self.k}_b{self.batch}_{self.wdtype}", self.norm, self.epilogue]
@@ -108,6 +122,10 @@ class GemvSpec:
             parts.append(f"x{self.x_off}of{self.xw}")
         if self.epilogue == "conv":
             parts.append(f"c{self.conv_lo}-{self.conv_hi}k{self.d_conv}")
+        if self.xproj:
+            parts.append(f"xp{self.xproj}")
+        if self.zero_n:
+            parts.append(f"z{self.zero_n}")
         return "_".join(p for p in parts if p) + ("_bias" if self.bias else "")
 
 
@@ -115,8 +133,9 @@ class GemvSpec:
 # the contract, in NumPy
 # ---------------------------------------------------------------------------------------------
 def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, w_scale=None, bias=None, conv_w=None, conv_b=None,
-                   conv_state=None, out=None):
-    """Returns out (batch, n); `conv_state` and, for "residual", `out` are updated in place."""
+                   conv_state=None, out=None, xw=None, xacc=None):
+    """Returns out (batch, n); `conv_state`, `xacc` (xproj: += XACC_SCALE · x_proj of the conv
+    outputs, float64 here) and, for "residual", `out` are updated in place."""
     if s.quantized:
         W = W.astype(np.float64) * w_scale[:, None]
     u = x[:, s.x_off : s.x_off + s.k].astype(np.float64)  # (b, k)
@@ -142,6 +161,8 @@ def gemv_reference(s: GemvSpec, x, W, *, z=None, norm_w=None, w_scale=None, bias
         acc = np.sum(win * conv_w, axis=2) + (conv_b if s.conv_bias else 0.0)
         out[:, lo:hi] = silu(acc)
         conv_state[:] = win[:, :, 1:]
+        if s.xproj:  # (the kernel spreads the sum over XACC_REPLICAS copies; here all of it in the first)
+            xacc[0] += (out[:, lo:hi].astype(np.float64) @ xw.astype(np.float64).T) * XACC_SCALE
     return out
 
 
@@ -153,6 +174,7 @@ def gemv_kernel(s: GemvSpec, gpu: bool, pdl: Pdl | None = None):
     programmatic dependent launch (`tvm_common.Pdl`): each warp may have its rows of W brought into
     L2 while the previous kernel still runs, then waits for it."""
     pdl = pdl if gpu else None
+    assert gpu or not (s.xproj or s.zero_n), "the fused x_proj is a GPU kernel's"
     f = _gemv_gpu(s, pdl) if gpu else _gemv_cpu(s)
     return with_pdl(drop_unused_params(f, s.params, s.name()), pdl)
 
@@ -160,7 +182,8 @@ def gemv_kernel(s: GemvSpec, gpu: bool, pdl: Pdl | None = None):
 def _shapes(s: GemvSpec):
     B, C = s.batch, max(s.n_conv, 1)
     return dict(x=(B, s.xw), z=(B, max(s.z_cols, 1)), nw=(s.k,), W=(s.n, s.k), ws=(s.n,), bias=(s.n,),
-                cw=(C, s.d_conv), cb=(C,), cs=(B, C, s.d_conv - 1), out=(B, s.n))
+                cw=(C, s.d_conv), cb=(C,), cs=(B, C, s.d_conv - 1), out=(B, s.n), xw=(max(s.xproj, 1), C),
+                xacc=(XACC_REPLICAS, B, max(s.xproj, 1)), xzero=(XACC_REPLICAS, B, max(s.zero_n, 1)))
 
 
 def _epilogue(s: GemvSpec, gpu: bool):
@@ -240,6 +263,7 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     RG = max(1, 4 // KS)  # row groups per block
     TY = RG * KS  # warps per block
     NBLK = (N + RG * RW - 1) // (RG * RW)
+    BR = RG * RW  # rows a block computes
     # after the main loop each lane holds V partial sums, (row r, sequence b) at r·B + b, padded to
     # V2 (a power of two); the reduction halves them across lanes (below), so that lane t ends with
     # VL of them, sums over the warp, at t·VL >> ... (see `base`), and runs their epilogues
@@ -309,7 +333,7 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
         return rsum(terms + [pre[i, CB]] if s.conv_bias else terms)
 
     @T.macro
-    def finish(out, cs, pre, i, n, b, yv):
+    def finish(out, cs, pre, i, n, b, yv, xs):
         if s.epilogue == "residual":
             out[b, n] = pre[i, OUT] + biased(pre, i, yv)
         elif s.epilogue == "conv":
@@ -317,6 +341,8 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                 # window = (conv_state[b, c, :], y): the conv output, then the state shifts left
                 # by one and y enters last
                 out[b, n] = silu_expr(conv_dot(pre, i, biased(pre, i, yv)))
+                if s.xproj > 0:  # the block's conv outputs, for its share of x_proj
+                    xs[b, n % BR] = out[b, n]
                 for j in T.unroll(KC - 2):
                     cs[b, n - lo, j] = pre[i, CS + j + 1]
                 cs[b, n - lo, KC - 2] = biased(pre, i, yv)
@@ -324,6 +350,36 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                 out[b, n] = biased(pre, i, yv)
         else:
             out[b, n] = biased(pre, i, yv)
+
+    if s.xproj > 0:
+        assert lo % BR == 0 and hi % BR == 0, "fused x_proj: blocks of conv rows only"
+
+    JX = -(-max(s.xproj, 1) // (TY * 32))  # x_proj rows a thread sums
+
+    @T.macro
+    def xproj_load(bx, ty, tx, xw, xwv):
+        # first thing (a weight: before any PDL wait): the thread's x_proj rows at the block's conv
+        # channels, in registers; loaded after the GEMV they queued behind its whole stream
+        if lo <= bx * BR and bx * BR < hi:
+            for j in T.unroll(JX):
+                for c in T.vectorized(BR):
+                    xwv[j, c] = xw[T.min(j * TY * 32 + ty * 32 + tx, s.xproj - 1), bx * BR - lo + c]
+
+    @T.macro
+    def xproj_share(bx, ty, tx, xwv, xacc, xs, xp):
+        # a block of conv rows: x_proj's columns of its rows times their conv outputs, each thread
+        # some of the xproj sums, added to xacc in fixed point (red.global.add.u64: exact)
+        if lo <= bx * BR and bx * BR < hi:
+            T.tvm_storage_sync("shared")
+            for j in T.unroll(JX):
+                if j * TY * 32 + ty * 32 + tx < s.xproj:
+                    for b in T.unroll(B):
+                        xp[0] = T.float32(0)
+                        for c in T.unroll(BR):
+                            xp[0] = xp[0] + T.Cast("float32", xwv[j, c]) * xs[b, c]
+                        T.evaluate(T.ptx.red.global_.add.u64(
+                            T.address_of(xacc[bx % XACC_REPLICAS, b, j * TY * 32 + ty * 32 + tx]),
+                            T.Cast("uint64", T.Cast("int64", T.round(xp[0] * T.float32(XACC_SCALE))))))
 
     @T.macro
     def halve(val, tx, m, half):
@@ -342,7 +398,9 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     def gemv(x: T.Buffer(sh["x"], "float32"), z: T.Buffer(sh["z"], "float32"), norm_w: T.Buffer(sh["nw"], "float32"),
              W: T.Buffer(sh["W"], s.wdtype), w_scale: T.Buffer(sh["ws"], "float32"), bias: T.Buffer(sh["bias"], "float32"),
              conv_w: T.Buffer(sh["cw"], "float32"), conv_b: T.Buffer(sh["cb"], "float32"),
-             conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), out: T.Buffer(sh["out"], "float32", **ROW_VIEW)):
+             conv_state: T.Buffer(sh["cs"], "float32", **ROW_VIEW), xw: T.Buffer(sh["xw"], s.wdtype),
+             xacc: T.Buffer(sh["xacc"], "int64"), out: T.Buffer(sh["out"], "float32", **ROW_VIEW),
+             xzero: T.Buffer(sh["xzero"], "int64")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         # every loop over r, b, g, i and v is unrolled: the local arrays stay in registers
         for bx in T.thread_binding(NBLK, thread="blockIdx.x"):
@@ -357,6 +415,11 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                     pre = T.alloc_buffer((VL, CW + KC), "float32", scope="local")
                     wp = T.alloc_buffer((G, max(PRE, 1), RW, VEC), s.wdtype, scope="local")  # preloaded sweeps
                     red = T.alloc_buffer((RG, KS, 32, VL), "float32", scope="shared")  # split K: partial sums
+                    xs = T.alloc_buffer((B, BR), "float32", scope="shared")  # xproj: the block's conv outputs
+                    xp = T.alloc_buffer((1,), "float32", scope="local")
+                    xwv = T.alloc_buffer((JX, BR), s.wdtype, scope="local")
+                    if s.xproj > 0:
+                        xproj_load(bx, ty, tx, xw, xwv)
                     ssh = T.alloc_buffer((RG, KS, B, G), "float32", scope="shared")
                     if use_pdl:
                         if early:
@@ -463,7 +526,16 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
                                 if (bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B < N:
                                     finish(out, conv_state, pre, i,
                                            (bx * RG + ty // KS) * RW + ((tx // REP) * VL + i) // B,
-                                           ((tx // REP) * VL + i) % B, val[i])
+                                           ((tx // REP) * VL + i) % B, val[i], xs)
+                    if s.xproj > 0:
+                        xproj_share(bx, ty, tx, xwv, xacc, xs, xp)
+                    if s.zero_n > 0:
+                        if bx == 0:  # (after the wait: the previous layer's state update has read its xacc)
+                            for j in T.unroll(-(-(XACC_REPLICAS * B * s.zero_n) // (TY * 32))):
+                                if j * TY * 32 + ty * 32 + tx < XACC_REPLICAS * B * s.zero_n:
+                                    xzero[(j * TY * 32 + ty * 32 + tx) // (B * s.zero_n),
+                                          (j * TY * 32 + ty * 32 + tx) // s.zero_n % B,
+                                          (j * TY * 32 + ty * 32 + tx) % s.zero_n] = T.int64(0)
 
     return gemv
 

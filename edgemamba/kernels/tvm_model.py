@@ -12,7 +12,8 @@ same shape and stays small; `edgemamba.runtimes.tvm.param_specs` gives their ord
 
 Each is a straight sequence of calls to the TIR kernels of `tvm_gemv`, `tvm_ssm` and
 `tvm_prefill`; kernels of the same shape are shared across layers. A decode step launches
-Mamba-1: 4 kernels a layer (in_proj+conv, x_proj, dt_proj+state update, out_proj+residual),
+Mamba-1: 4 kernels a layer (in_proj+conv, x_proj, dt_proj+state update, out_proj+residual), 3 from
+the second layer on where x_proj is fused into in_proj (`Pdl.fuse_x_proj`, the default on sm_90+),
 Mamba-2: 3 (in_proj+conv, state update, gated norm+out_proj+residual), plus embedding and lm_head.
 A GPU prefill layer runs the conv across tokens and the scan in time pieces (`_prefill_layer_parallel`):
 8 kernels a Mamba-1 layer, 7 a Mamba-2 one; on a CPU, 7 and 6 (conv and scan walk the chunk).
@@ -24,12 +25,13 @@ import tvm
 from tvm import relax, tirx
 
 from edgemamba.kernels.tvm_common import Pdl, pdl_for
-from edgemamba.kernels.tvm_gemv import GemvSpec, gemv_kernel
+from edgemamba.kernels.tvm_gemv import XACC_REPLICAS, GemvSpec, gemv_kernel, gpu_layout
 from edgemamba.kernels.tvm_greedy import greedy_kernel, greedy_parts
 from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, ConvOutSpec, MatmulSpec, RowNormSpec, ScanChunkSpec, ScanSpec,
                                            bcdt_norm_kernel, conv_chunk_kernel, conv_out_kernel, embed_kernel,
                                            last_row_kernel, matmul_kernel, row_norm_kernel, scan_chunk_kernels,
                                            scan_kernel)
+from edgemamba.kernels.tvm_ssm import THREADS as SSM_THREADS
 from edgemamba.kernels.tvm_ssm import SsmStepSpec, ssm_step_kernel
 from edgemamba.runtimes.tvm import WEIGHT_DTYPES, dt_proj_dtype, param_specs, state_specs
 from edgemamba.spec import ModelSpec
@@ -82,6 +84,12 @@ def build_module(spec: ModelSpec, precision: str, gpu: bool, target: tvm.target.
         _greedy_function(kb, spec, batch)
     _function(kb, spec, WEIGHT_DTYPES[precision], "prefill", None)
     return kb.bb.get()
+
+
+def step_launches(mod: tvm.IRModule, batch: int) -> int:
+    """Kernels step_{batch} launches (one per call_tir), as the library's manifest records them for
+    latency predictions: the count depends on the arch (x_proj fused on sm_90+)."""
+    return mod[f"step_{batch}"].script().count("R.call_tir")
 
 
 def _greedy_function(kb: _Builder, s: ModelSpec, batch: int):
@@ -151,10 +159,14 @@ def _function(kb: _Builder, s: ModelSpec, wdtype: str, name: str, batch: int | N
         with kb.bb.dataflow():
             h = kb.call(("embed",), lambda: embed_kernel(s.vocab_size, d, wdtype, gpu, kb.pdl),
                         [ids, *top.mat("embedding")], (rows, d))  # (rows, d_model) float32: the residual stream
+            xacc = None
             for i in range(s.n_layer):
                 layer = _Layer(kb, s, wdtype, weights, f"layers.{i}.", states[f"conv_state.{i}"],
                                states[f"ssm_state.{i}"])
-                h = _step_layer(layer, h, batch, pdl) if batch is not None else _prefill_layer(layer, h, rows)
+                if batch is not None:
+                    h, xacc = _step_layer(layer, h, batch, pdl, xacc, last=i == s.n_layer - 1)
+                else:
+                    h = _prefill_layer(layer, h, rows)
             if batch is None:
                 h = kb.call(("last_row",), lambda: last_row_kernel(d, gpu), [h], (1, d))
             gl = GemvSpec(n=s.vocab_size, k=d, batch=srows, wdtype=wdtype, norm="rms", eps=s.norm_eps)
@@ -170,23 +182,48 @@ def _kind(pdl: Pdl | None, kind: str) -> Pdl | None:
     return None if pdl is None else pdl.kernel(kind)
 
 
-def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
+def fuses_x_proj(s: ModelSpec, wdtype: str, pdl: Pdl | None, batch: int) -> bool:
+    """Whether a GPU step's Mamba-1 layers after the first compute x_proj in in_proj's kernel: where
+    the mode says so, for float weights, and where in_proj's blocks and the state update's blocks
+    tile the channels evenly (true of every published shape)."""
+    if not (s.arch == "mamba1" and pdl is not None and pdl.fuse_x_proj and wdtype != "int8"):
+        return False
+    RW, KS, _ = gpu_layout(GemvSpec(n=s.in_proj_dim, k=s.d_model, batch=batch, wdtype=wdtype, norm="rms"))
+    lanes = SsmStepSpec(s, batch).lanes(True)
+    return s.d_inner % (max(1, 4 // KS) * RW) == 0 and (s.d_inner * lanes) % SSM_THREADS == 0
+
+
+def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None, xacc=None, last: bool = False):
     """One token of `batch` sequences through a layer: 4 kernels (Mamba-1) or 3 (Mamba-2); the
-    residual h (batch, d_model) is updated in place. pdl: how they use programmatic dependent launch."""
+    residual h (batch, d_model) is updated in place. pdl: how they use programmatic dependent launch.
+    xacc (`fuses_x_proj`): this layer's zeroed x_proj accumulator, made by the previous layer's
+    out_proj (None: the first layer, whose x_proj is its own kernel). Returns h and the next
+    layer's xacc (None where there is none)."""
     kb, s, gpu = L.kb, L.s, L.kb.gpu
     e, d, NI, C = s.d_inner, s.d_model, s.in_proj_dim, s.conv_dim
+    XP = s.dt_rank + 2 * s.d_state  # x_proj's rows (Mamba-1)
+    fused = xacc is not None
     # RMSNorm · in_proj, then the conv step on the conv channels (conv_state in place)
     g = GemvSpec(n=NI, k=d, batch=batch, wdtype=L.wdtype, norm="rms", eps=s.norm_eps, bias=s.use_bias,
-                 epilogue="conv", conv_lo=L.conv_lo, conv_hi=L.conv_lo + C, d_conv=s.d_conv, conv_bias=s.use_conv_bias)
+                 epilogue="conv", conv_lo=L.conv_lo, conv_hi=L.conv_lo + C, d_conv=s.d_conv, conv_bias=s.use_conv_bias,
+                 xproj=XP if fused else 0)
     args = [h, L.w("norm"), *L.mat("in_proj"), *L.opt("in_proj_bias"), L.w("conv_weight"), *L.opt("conv_bias"),
             L.conv_state]
-    _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, _kind(pdl, "in_proj")), args, [len(args) - 1, -1],
-                              [s.conv_state_shape(batch), (batch, NI)])  # proj (batch, in_proj_dim)
+    if fused:  # ... and x_proj of the conv outputs, added into xacc
+        args += [L.w("x_proj"), xacc]
+        _, dbc, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, _kind(pdl, "in_proj")), args,
+                                       [len(args) - 3, len(args) - 1, -1],
+                                       [s.conv_state_shape(batch), (XACC_REPLICAS, batch, XP), (batch, NI)],
+                                       [None, "int64", None])
+    else:
+        _, proj = kb.call_inplace(g, lambda: gemv_kernel(g, gpu, _kind(pdl, "in_proj")), args, [len(args) - 1, -1],
+                                  [s.conv_state_shape(batch), (batch, NI)])  # proj (batch, in_proj_dim)
     # the state update (ssm_state in place); Mamba-1 first needs x_proj's Δ_in, B, C
-    k = SsmStepSpec(s, batch, dt_proj_dtype(L.wdtype))
+    k = SsmStepSpec(s, batch, dt_proj_dtype(L.wdtype), dbc_fixed=fused)
     if s.arch == "mamba1":
-        gx = GemvSpec(n=s.dt_rank + 2 * s.d_state, k=e, batch=batch, wdtype=L.wdtype, x_cols=NI)
-        dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu, _kind(pdl, "x_proj")), [proj, *L.mat("x_proj")], (batch, gx.n))
+        if not fused:
+            gx = GemvSpec(n=XP, k=e, batch=batch, wdtype=L.wdtype, x_cols=NI)
+            dbc = kb.call(gx, lambda: gemv_kernel(gx, gpu, _kind(pdl, "x_proj")), [proj, *L.mat("x_proj")], (batch, XP))
         args = [proj, dbc, L.w("dt_proj.T"), L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
     else:
         args = [proj, L.w("dt_bias"), L.w("A"), L.w("D"), L.ssm_state]
@@ -194,8 +231,10 @@ def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
                            [s.ssm_state_shape(batch), (batch, e)])  # y (batch, d_inner)
     # out_proj (Mamba-2: after the RMSNorm of y, gated by the state update, or the gated RMSNorm
     # when the model normalises before the gate), added to the residual in place
+    make_xacc = gpu and fuses_x_proj(s, L.wdtype, pdl, batch) and not last  # the next layer's, zeroed
     if s.arch == "mamba1":
-        go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, bias=s.use_bias, epilogue="residual")
+        go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, bias=s.use_bias, epilogue="residual",
+                      zero_n=XP if make_xacc else 0)
         args = [y, *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
     elif k.gated:
         go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="rms", groups=s.n_groups, eps=s.norm_eps,
@@ -205,8 +244,11 @@ def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None):
         go = GemvSpec(n=d, k=e, batch=batch, wdtype=L.wdtype, norm="gated", groups=s.n_groups,
                       norm_on_x=s.norm_before_gate, z_cols=NI, eps=s.norm_eps, bias=s.use_bias, epilogue="residual")
         args = [y, proj, L.w("gate_norm"), *L.mat("out_proj"), *L.opt("out_proj_bias"), h]
+    if make_xacc:
+        return kb.call_inplace(go, lambda: gemv_kernel(go, gpu, _kind(pdl, "out_proj")), args, [len(args) - 1, -1],
+                               [(batch, d), (XACC_REPLICAS, batch, XP)], [None, "int64"])
     (h,) = kb.call_inplace(go, lambda: gemv_kernel(go, gpu, _kind(pdl, "out_proj")), args, [len(args) - 1], [(batch, d)])
-    return h
+    return h, None
 
 
 def _prefill_layer(L: _Layer, h, rows):

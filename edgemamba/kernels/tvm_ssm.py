@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 from edgemamba.kernels.tvm_common import (ROW_VIEW, clip_dt_expr, cpu_workers, drop_unused_params, exp_expr,
                                           lane_allreduce, lane_reduce, padded, Pdl, rsum, silu_expr, softplus_expr,
                                           with_pdl)
+from edgemamba.kernels.tvm_gemv import XACC_REPLICAS, XACC_SCALE
 from edgemamba.reference import rms_norm, silu, softplus
 from edgemamba.spec import ModelSpec
 
@@ -37,6 +38,7 @@ class SsmStepSpec:
     spec: ModelSpec
     batch: int
     dt_dtype: str = "float32"  # Mamba-1's dt_proj weights (`tvm.dt_proj_dtype`); read into float32
+    dbc_fixed: bool = False  # Mamba-1: dbc is in_proj's fused x_proj sums, int64 fixed point (GemvSpec.xproj)
 
     @property
     def params(self) -> list[str]:
@@ -57,7 +59,8 @@ class SsmStepSpec:
         lim = "" if s.dt_limit == (0.0, np.inf) else f"_lim{s.dt_limit[0]:g}-{s.dt_limit[1]:g}"
         gate = "_gz" if self.gated and s.arch == "mamba2" else ""
         dt16 = "_dt16" if s.arch == "mamba1" and self.dt_dtype == "float16" else ""
-        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}{gate}{dt16}"
+        fx = "_fx" if s.arch == "mamba1" and self.dbc_fixed else ""
+        return f"ssm_step_{s.arch}_{dims}_b{self.batch}{falcon}{lim}{gate}{dt16}{fx}"
 
     def lanes(self, gpu: bool) -> int:
         """Lanes sharing one channel's states: 2 to 8 states each on a GPU, all of them on a CPU.
@@ -76,6 +79,8 @@ def ssm_step_reference(k: SsmStepSpec, proj, ssm_state, *, dbc=None, dt_w=None, 
     dt_w is dt_proj transposed, (r, e)."""
     s = k.spec
     e, n = s.d_inner, s.d_state
+    if k.dbc_fixed:  # (XACC_REPLICAS, batch, r + 2n) int64
+        dbc = dbc.sum(axis=0) / XACC_SCALE
     if s.arch == "mamba1":
         r = s.dt_rank
         dt_in, B, C = dbc[:, :r], dbc[:, r : r + n], dbc[:, r + n : r + 2 * n]
@@ -129,10 +134,10 @@ def state_index(k: SsmStepSpec, gpu: bool, NL: int, SPL: int):
     return lambda lane, i: lane * SPL + i
 
 
-def _rsqrt_mean_sq(buf, b, lo, n, eps):
+def _rsqrt_mean_sq(v, b, lo, n, eps):
     from tvm import tirx
 
-    return tirx.rsqrt(rsum([buf[b, lo + i] * buf[b, lo + i] for i in range(n)]) / np.float32(n) + np.float32(eps))
+    return tirx.rsqrt(rsum([v(b, lo + i) * v(b, lo + i) for i in range(n)]) / np.float32(n) + np.float32(eps))
 
 
 def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
@@ -157,8 +162,26 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     def has_term(jj, lane):  # term jj·NL + lane exists
         return True if r % NL == 0 else jj * NL + lane < r
 
+    def dbcv(dbc, b, i):  # x_proj's output i, float32 (fixed: the block's sums in shared memory, dbs)
+        return dbc[i] if k.dbc_fixed else dbc[b, i]
+
     def scale(dbc, b, lo, width):
-        return _rsqrt_mean_sq(dbc, b, lo, width, eps) if falcon else np.float32(1.0)
+        return _rsqrt_mean_sq(lambda bb, i: dbcv(dbc, bb, i), b, lo, width, eps) if falcon else np.float32(1.0)
+
+    R2N = r + 2 * n
+    if k.dbc_fixed:
+        assert gpu and (e * NL) % THREADS == 0, "fixed-point dbc: GPU blocks of one sequence"
+
+    @T.macro
+    def gather(bx, tx, dbc, dbs, isum):
+        # the block's sequence's x_proj outputs: the replicas' int64 sums (exact), then float32
+        for j in T.unroll(-(-R2N // THREADS)):
+            if j * THREADS + tx < R2N:
+                isum[0] = T.int64(0)
+                for q in T.unroll(XACC_REPLICAS):
+                    isum[0] = isum[0] + dbc[q, bx * THREADS // (e * NL), j * THREADS + tx]
+                dbs[j * THREADS + tx] = T.Cast("float32", isum[0]) * T.float32(1.0 / XACC_SCALE)
+        T.tvm_storage_sync("shared")
 
     def param(cst, j, buf, *index):  # a parameter, preloaded or read here (float32 either way)
         return cst[0, j] if PL else T.Cast("float32", buf[index])
@@ -183,7 +206,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         dt[w, 0] = T.float32(0)
         for jj in T.unroll(RPL):  # term jj·NL + lane; dt_proj stored (r, e): neighbouring channels read neighbouring words
             if has_term(jj, lane):
-                dt[w, 0] = dt[w, 0] + dbc[b, jj * NL + lane] * param(cst, jj, dt_w, jj * NL + lane, c)
+                dt[w, 0] = dt[w, 0] + dbcv(dbc, b, jj * NL + lane) * param(cst, jj, dt_w, jj * NL + lane, c)
         allreduce(dt, w)  # every lane of the channel holds the whole dot product
         dt[w, 0] = clip_dt_expr(softplus_expr(dt[w, 0] * scale(dbc, b, 0, r) + param(cst, CB, dt_bias, c), not gpu),
                                 s.dt_limit)
@@ -191,9 +214,9 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
         for i in state_loop(SPL):
             h[w, i] = (exp_expr(dt[w, 0] * param(cst, CA + i, A, c, st(lane, i)), not gpu)
                        * ssm_state[b, c, st(lane, i)]
-                       + dt[w, 0] * proj[b, c] * dbc[b, r + st(lane, i)] * scale(dbc, b, r, n))
+                       + dt[w, 0] * proj[b, c] * dbcv(dbc, b, r + st(lane, i)) * scale(dbc, b, r, n))
         for i in T.unroll(SPL):
-            acc[w, 0] = acc[w, 0] + h[w, i] * dbc[b, r + n + st(lane, i)] * scale(dbc, b, r + n, n)
+            acc[w, 0] = acc[w, 0] + h[w, i] * dbcv(dbc, b, r + n + st(lane, i)) * scale(dbc, b, r + n, n)
         reduce(acc, w)
         if active:
             for i in T.unroll(SPL):
@@ -214,7 +237,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
                     T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(dt_w[j * NL + lane, c])))
 
     @T.prim_func(private=True)
-    def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((Bt, r + 2 * n), "float32"),
+    def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((XACC_REPLICAS, Bt, R2N) if k.dbc_fixed else (Bt, R2N), "int64" if k.dbc_fixed else "float32"),
                  dt_w: T.Buffer((r, e), k.dt_dtype), dt_bias: T.Buffer((e,), "float32"),
                  A: T.Buffer((e, n), "float32"), D: T.Buffer((e,), "float32"),
                  ssm_state: T.Buffer((Bt, e, n), "float32", **ROW_VIEW), y: T.Buffer((Bt, e), "float32")):
@@ -234,8 +257,15 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
                     dt = T.alloc_buffer((1, 1), "float32", scope="local")
                     acc = T.alloc_buffer((1, 1), "float32", scope="local")
                     h = T.alloc_buffer((1, SPL), "float32", scope="local")
-                    body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
-                         proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0, cst)
+                    if k.dbc_fixed:
+                        dbs = T.alloc_buffer((R2N,), "float32", scope="shared")
+                        isum = T.alloc_buffer((1,), "int64", scope="local")
+                        gather(bx, tx, dbc, dbs, isum)
+                        body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
+                             proj, dbs, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0, cst)
+                    else:
+                        body(T.min(bx * THREADS + tx, NT - 1), bx * THREADS + tx < NT,
+                             proj, dbc, dt_w, dt_bias, A, D, ssm_state, y, dt, acc, h, 0, cst)
                     if late:
                         T.evaluate(T.ptx.griddepcontrol.launch_dependents())
         else:
