@@ -162,9 +162,6 @@ PDL_MODES = {"off": None, "late": Pdl("late"), "late-noprefetch": Pdl("late", Fa
              "overlap": Pdl("late", False, max_batch=1, preload="ssm", early_kinds=("x_proj", "ssm"),
                             prefetch_kinds=("out_proj", "ssm"), beyond=Pdl("late", False, preload="all"))}
 PDL_MODES["overlap-fx"] = replace(PDL_MODES["overlap"], fuse_x_proj=True)  # "overlap" with x_proj fused
-PDL_MODES["overlap-xpf"] = replace(PDL_MODES["overlap"], prefetch_kinds=("out_proj", "ssm", "x_proj"))
-PDL_MODES["overlap-xpf-xlate"] = replace(PDL_MODES["overlap"], prefetch_kinds=("out_proj", "ssm", "x_proj"),
-                                         early_kinds=("ssm",))
 # Where the target has it (`supports_pdl`). Measured on an H100 (benchmarks/RESULTS.md, TVM section):
 # at batch 1, "late-noprefetch" was 9% and 7% faster than "off" on mamba-130m and mamba2-130m and
 # level on mamba-1.4b; at batch 8 every mode was slower than "off" on mamba-1.4b (+8% or more), and

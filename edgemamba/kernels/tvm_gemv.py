@@ -250,6 +250,13 @@ def gpu_layout(s: GemvSpec) -> tuple[int, int, int]:
     return RW, KS, nbytes
 
 
+def block_rows(s: GemvSpec) -> int:
+    """Rows of W one GPU block computes (its row groups times each warp's rows): a fused x_proj's
+    share is a block's conv rows, so they must tile the conv channels."""
+    RW, KS, _ = gpu_layout(s)
+    return max(1, 4 // KS) * RW
+
+
 def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     B, N, K, G = s.batch, s.n, s.k, s.groups
     GS = K // G  # channels per norm group
@@ -262,8 +269,8 @@ def _gemv_gpu(s: GemvSpec, pdl: Pdl | None = None):
     FULL = GS % STRIDE == 0 and KO % KS == 0  # no sweep needs a bound check
     RG = max(1, 4 // KS)  # row groups per block
     TY = RG * KS  # warps per block
-    NBLK = (N + RG * RW - 1) // (RG * RW)
-    BR = RG * RW  # rows a block computes
+    BR = block_rows(s)  # RG · RW
+    NBLK = (N + BR - 1) // BR
     # after the main loop each lane holds V partial sums, (row r, sequence b) at r·B + b, padded to
     # V2 (a power of two); the reduction halves them across lanes (below), so that lane t ends with
     # VL of them, sums over the warp, at t·VL >> ... (see `base`), and runs their epilogues

@@ -25,7 +25,7 @@ import tvm
 from tvm import relax, tirx
 
 from edgemamba.kernels.tvm_common import Pdl, pdl_for
-from edgemamba.kernels.tvm_gemv import XACC_REPLICAS, GemvSpec, gemv_kernel, gpu_layout
+from edgemamba.kernels.tvm_gemv import XACC_REPLICAS, GemvSpec, block_rows, gemv_kernel
 from edgemamba.kernels.tvm_greedy import greedy_kernel, greedy_parts
 from edgemamba.kernels.tvm_prefill import (ConvChunkSpec, ConvOutSpec, MatmulSpec, RowNormSpec, ScanChunkSpec, ScanSpec,
                                            bcdt_norm_kernel, conv_chunk_kernel, conv_out_kernel, embed_kernel,
@@ -188,9 +188,9 @@ def fuses_x_proj(s: ModelSpec, wdtype: str, pdl: Pdl | None, batch: int) -> bool
     tile the channels evenly (true of every published shape)."""
     if not (s.arch == "mamba1" and pdl is not None and pdl.fuse_x_proj and wdtype != "int8"):
         return False
-    RW, KS, _ = gpu_layout(GemvSpec(n=s.in_proj_dim, k=s.d_model, batch=batch, wdtype=wdtype, norm="rms"))
+    rows = block_rows(GemvSpec(n=s.in_proj_dim, k=s.d_model, batch=batch, wdtype=wdtype, norm="rms"))
     lanes = SsmStepSpec(s, batch).lanes(True)
-    return s.d_inner % (max(1, 4 // KS) * RW) == 0 and (s.d_inner * lanes) % SSM_THREADS == 0
+    return s.d_inner % rows == 0 and (s.d_inner * lanes) % SSM_THREADS == 0
 
 
 def _step_layer(L: _Layer, h, batch: int, pdl: Pdl | None = None, xacc=None, last: bool = False):
