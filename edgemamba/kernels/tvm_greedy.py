@@ -45,7 +45,10 @@ def greedy_kernel(batch: int, vocab: int, gpu: bool, pdl: Pdl | None = None):
         bad[0] = T.max(bad[0], b)
 
     @T.macro
-    def warp_reduce(best, arg, bad, ov, oi, ob):
+    def warp_reduce(best, arg, bad):
+        ov = T.alloc_buffer((1,), "float32", scope="local")  # the partner lane's (best, arg, bad)
+        oi = T.alloc_buffer((1,), "int32", scope="local")
+        ob = T.alloc_buffer((1,), "int32", scope="local")
         for s in T.unroll(5):
             ov[0] = T.tvm_warp_shuffle_xor(FULL_MASK, best[0], 16 >> s, 32, 32)
             oi[0] = T.tvm_warp_shuffle_xor(FULL_MASK, arg[0], 16 >> s, 32, 32)
@@ -60,9 +63,6 @@ def greedy_kernel(batch: int, vocab: int, gpu: bool, pdl: Pdl | None = None):
                 best = T.alloc_buffer((1,), "float32", scope="local")
                 arg = T.alloc_buffer((1,), "int32", scope="local")
                 bad = T.alloc_buffer((1,), "int32", scope="local")
-                ov = T.alloc_buffer((1,), "float32", scope="local")
-                oi = T.alloc_buffer((1,), "int32", scope="local")
-                ob = T.alloc_buffer((1,), "int32", scope="local")
                 sv = T.alloc_buffer((THREADS // 32,), "float32", scope="shared")
                 si = T.alloc_buffer((THREADS // 32,), "int32", scope="shared")
                 sb = T.alloc_buffer((THREADS // 32,), "int32", scope="shared")
@@ -77,7 +77,7 @@ def greedy_kernel(batch: int, vocab: int, gpu: bool, pdl: Pdl | None = None):
                                              logits[b, T.min(lo + u * THREADS + tx, vocab - 1)], lowest)
                 for u in T.unroll(LOADS):
                     take(best, arg, bad, vals[u], lo + u * THREADS + tx, T.Select(T.isfinite(vals[u]), 0, 1))
-                warp_reduce(best, arg, bad, ov, oi, ob)
+                warp_reduce(best, arg, bad)
                 if tx % 32 == 0:
                     sv[tx // 32] = best[0]
                     si[tx // 32] = arg[0]
@@ -87,7 +87,7 @@ def greedy_kernel(batch: int, vocab: int, gpu: bool, pdl: Pdl | None = None):
                     best[0] = T.if_then_else(tx < THREADS // 32, sv[T.min(tx, THREADS // 32 - 1)], lowest)
                     arg[0] = T.if_then_else(tx < THREADS // 32, si[T.min(tx, THREADS // 32 - 1)], vocab)
                     bad[0] = T.if_then_else(tx < THREADS // 32, sb[T.min(tx, THREADS // 32 - 1)], 0)
-                    warp_reduce(best, arg, bad, ov, oi, ob)
+                    warp_reduce(best, arg, bad)
                     if tx == 0:
                         parts[b, bx % NP, 0] = T.reinterpret("int32", best[0])
                         parts[b, bx % NP, 1] = T.Select(bad[0] > 0, -1, arg[0])
@@ -101,9 +101,6 @@ def greedy_kernel(batch: int, vocab: int, gpu: bool, pdl: Pdl | None = None):
                 best = T.alloc_buffer((1,), "float32", scope="local")
                 arg = T.alloc_buffer((1,), "int32", scope="local")
                 bad = T.alloc_buffer((1,), "int32", scope="local")
-                ov = T.alloc_buffer((1,), "float32", scope="local")
-                oi = T.alloc_buffer((1,), "int32", scope="local")
-                ob = T.alloc_buffer((1,), "int32", scope="local")
                 head()
                 best[0] = lowest
                 arg[0] = vocab
@@ -112,7 +109,7 @@ def greedy_kernel(batch: int, vocab: int, gpu: bool, pdl: Pdl | None = None):
                     if j * 32 + tx < NP:
                         take(best, arg, bad, T.reinterpret("float32", parts[bx, j * 32 + tx, 0]),
                              T.max(parts[bx, j * 32 + tx, 1], 0), T.Select(parts[bx, j * 32 + tx, 1] < 0, 1, 0))
-                warp_reduce(best, arg, bad, ov, oi, ob)
+                warp_reduce(best, arg, bad)
                 if tx == 0:
                     ids[bx] = T.Select(bad[0] > 0, -1, arg[0])
                 tail()
