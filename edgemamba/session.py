@@ -122,14 +122,18 @@ class Session:
     def step(self, ids: Sequence[int]) -> np.ndarray:
         """One token for every sequence: ids (batch,) -> logits (batch, vocab). The array is reused
         by the next call: copy it to keep it."""
+        return self._advance(ids, self.backend.step)
+
+    def _advance(self, ids: Sequence[int], run) -> np.ndarray:
+        """One token for every sequence through the backend's `run` (step or step_greedy)."""
         ids = self._check_ids(ids)
         if ids.size != self.batch:
             raise EdgeMambaError(f"step needs one token per sequence ({self.batch}), got {ids.size}")
         with self._exclusive():
-            logits = self.backend.step(ids)
+            out = run(ids)
             for r in range(self.batch):
                 self.positions[r] += 1
-            return logits
+            return out
 
     def _greedy_on_device(self, params: SamplingParams) -> bool:
         """Greedy decoding on a backend that picks the next token on the device (tvm): per token only
@@ -139,12 +143,7 @@ class Session:
     def _step_greedy(self, ids: Sequence[int]) -> np.ndarray:
         """One token for every sequence, as `step`; returns each sequence's next token, chosen on the
         device (-1: its logits held a NaN or an infinity). The logits stay on the device."""
-        ids = self._check_ids(ids)
-        with self._exclusive():
-            picked = self.backend.step_greedy(ids)
-            for r in range(self.batch):
-                self.positions[r] += 1
-            return picked
+        return self._advance(ids, self.backend.step_greedy)
 
     def generate(self, prompt: Sequence[int] | None, max_new_tokens: int, *, sampling: SamplingParams | None = None,
                  stop: Sequence[int] | None = None, seq: int = 0) -> Iterator[int]:
