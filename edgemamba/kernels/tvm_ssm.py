@@ -171,6 +171,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
     R2N = r + 2 * n
     if k.dbc_fixed:
         assert gpu and (e * NL) % THREADS == 0, "fixed-point dbc: GPU blocks of one sequence"
+    DBC_SHAPE, DBC_DTYPE = ((XACC_REPLICAS, Bt, R2N), "int64") if k.dbc_fixed else ((Bt, R2N), "float32")
 
     @T.macro
     def gather(bx, tx, dbc, dbs, isum):
@@ -237,7 +238,7 @@ def _mamba1(k: SsmStepSpec, gpu: bool, pdl: Pdl | None):
                     T.evaluate(T.ptx.prefetch.global_.L2(T.address_of(dt_w[j * NL + lane, c])))
 
     @T.prim_func(private=True)
-    def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer((XACC_REPLICAS, Bt, R2N) if k.dbc_fixed else (Bt, R2N), "int64" if k.dbc_fixed else "float32"),
+    def ssm_step(proj: T.Buffer((Bt, 2 * e), "float32"), dbc: T.Buffer(DBC_SHAPE, DBC_DTYPE),
                  dt_w: T.Buffer((r, e), k.dt_dtype), dt_bias: T.Buffer((e,), "float32"),
                  A: T.Buffer((e, n), "float32"), D: T.Buffer((e,), "float32"),
                  ssm_state: T.Buffer((Bt, e, n), "float32", **ROW_VIEW), y: T.Buffer((Bt, e), "float32")):

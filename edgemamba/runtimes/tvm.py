@@ -56,7 +56,8 @@ def param_specs(spec: ModelSpec, wdtype: str, dt_dtype: str | None = None) -> li
     """The library's weight parameters in order: (name, shape, dtype). The matrices (MATRICES) are
     stored (out, in) as in torch, in `wdtype`; int8 ones are followed by "<name>.scale", one float32
     per row (weight-only quantization, symmetric per output channel). dt_proj is stored transposed
-    (".T"), in dt_dtype (None: `dt_proj_dtype`); norms, conv, biases, Δ and SSM parameters stay float32, with A = -exp(A_log) folded."""
+    (".T"), in dt_dtype (None: `dt_proj_dtype`); norms, conv, biases, Δ and SSM parameters stay
+    float32, with A = -exp(A_log) folded."""
     d, e, n, f32 = spec.d_model, spec.d_inner, spec.d_state, "float32"
 
     def matrix(name, shape):
@@ -73,8 +74,8 @@ def param_specs(spec: ModelSpec, wdtype: str, dt_dtype: str | None = None) -> li
             out.append((p + "conv_bias", (spec.conv_dim,), f32))
         if spec.arch == "mamba1":
             r = spec.dt_rank
-            out += [*matrix(p + "x_proj", (r + 2 * n, e)), (p + "dt_proj.T", (r, e), dt_dtype or dt_proj_dtype(wdtype)), (p + "dt_bias", (e,), f32),
-                    (p + "A", (e, n), f32), (p + "D", (e,), f32)]
+            out += [*matrix(p + "x_proj", (r + 2 * n, e)), (p + "dt_proj.T", (r, e), dt_dtype or dt_proj_dtype(wdtype)),
+                    (p + "dt_bias", (e,), f32), (p + "A", (e, n), f32), (p + "D", (e,), f32)]
         else:
             h = spec.n_heads
             out += [(p + "dt_bias", (h,), f32), (p + "A", (h,), f32), (p + "D", (h,), f32), (p + "gate_norm", (e,), f32)]
